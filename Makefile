@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine with only Python:
+#   make demo   train the quickstart model and show the induction heads that formed
+#   make test   install what the tests need and run them (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-test
+DEMO_OUT ?= runs/quickstart
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/jaxinduct train --preset quickstart --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python bench/quickstart_phase_change.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

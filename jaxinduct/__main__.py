@@ -1,0 +1,3 @@
+from jaxinduct.cli import entry_point
+
+entry_point()

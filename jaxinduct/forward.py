@@ -1,0 +1,162 @@
+"""The forward pass: one pure function over canonical `Weights` and one sequence.
+
+It serves the reference model, every imported architecture and every empirical
+score, so it handles every combination a `ModelSpec` can describe. It is written
+for a single example (tokens ``[seq]``); callers batch it with `jax.vmap` (over
+examples, head masks or checkpoints) in the places that own batching.
+
+Conventions (TransformerLens): row vectors, attention logits
+``q . k / sqrt(d_head)``, causal masking, pre-norm blocks. Positions:
+
+- learned: ``W_pos[:seq]`` is added to the token embedding.
+- shortformer: ``W_pos[:seq]`` is added to the normalised query and key inputs of
+  every attention layer (after ln1), never to values or the residual stream.
+- rotary: GPT-NeoX rotary on the first ``rotary_dim`` dims of each query and key,
+  rotating the two halves of that slice against each other.
+
+Matmuls run at HIGHEST precision: this is an analysis tool, and on GPUs the
+default float32 matmul precision (TF32) moves scores in the third decimal.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxinduct.errors import SpecError
+from jaxinduct.weights import Activation, ModelSpec, NormKind, PositionalScheme, Weights
+
+_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+
+# Leaves that carry a leading layer axis and are scanned over.
+_LAYER_FIELDS = (
+    "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O",
+    "ln1_w", "ln1_b", "ln2_w", "ln2_b", "W_in", "b_in", "W_out", "b_out",
+)  # fmt: skip
+
+
+class ForwardOutput(NamedTuple):
+    logits: Float[Array, "seq d_vocab"]
+    # The attention pattern each head used (the frozen one where patterns were frozen).
+    patterns: Float[Array, "layer head seq kv_seq"] | None
+
+
+def forward(
+    weights: Weights,
+    tokens: Int[Array, " seq"],
+    *,
+    head_mask: Float[Array, "layer head"] | None = None,
+    frozen_patterns: Float[Array, "layer head seq kv_seq"] | None = None,
+    return_patterns: bool = False,
+) -> ForwardOutput:
+    """Logits (and optionally every layer's attention patterns) for one sequence.
+
+    head_mask: multiplies each head's output (its z before W_O); 0 removes the head
+        from the residual stream, exactly as zeroing its W_O would.
+    frozen_patterns: if given, every head uses these patterns instead of computing
+        its own (pattern-preserving ablation: run clean, then ablate with the
+        clean patterns frozen).
+    """
+    spec = weights.spec
+    seq = tokens.shape[-1]
+    if tokens.ndim != 1:
+        raise SpecError(f"forward takes one sequence [seq]; got tokens of shape {tokens.shape} (vmap for batches)")
+    if spec.has_pos_embed and seq > spec.n_ctx:
+        raise SpecError(f"sequence of length {seq} exceeds the model's context n_ctx={spec.n_ctx}")
+    dtype = jnp.promote_types(weights.W_E.dtype, jnp.float32)
+    weights = jax.tree_util.tree_map(lambda a: a.astype(dtype), weights)
+
+    residual = weights.W_E[tokens]
+    pos_embed = weights.W_pos[:seq] if spec.has_pos_embed else None
+    if spec.positional == PositionalScheme.LEARNED:
+        residual = residual + pos_embed
+    qk_offset = pos_embed if spec.positional == PositionalScheme.SHORTFORMER else None
+
+    layers = {name: getattr(weights, name) for name in _LAYER_FIELDS}
+
+    def step(x, per_layer):
+        params, mask, frozen = per_layer
+        x, pattern = _block(spec, params, x, qk_offset, mask, frozen)
+        return x, (pattern if return_patterns else None)
+
+    residual, patterns = jax.lax.scan(step, residual, (layers, head_mask, frozen_patterns))
+    final = _norm(spec, residual, weights.ln_final_w, weights.ln_final_b)
+    logits = _einsum("sd,dv->sv", final, weights.W_U) + weights.b_U
+    return ForwardOutput(logits=logits, patterns=patterns)
+
+
+def _block(
+    spec: ModelSpec,
+    p: dict[str, Array | None],
+    x: Float[Array, "seq d_model"],
+    qk_offset: Float[Array, "seq d_model"] | None,
+    mask: Float[Array, " head"] | None,
+    frozen: Float[Array, "head seq kv_seq"] | None,
+) -> tuple[Float[Array, "seq d_model"], Float[Array, "head seq kv_seq"]]:
+    attn_in = _norm(spec, x, p["ln1_w"], p["ln1_b"])
+    attn_out, pattern = _attention(spec, p, attn_in, qk_offset, mask, frozen)
+    if spec.attn_only:
+        return x + attn_out, pattern
+    if spec.parallel_attn_mlp:
+        return x + attn_out + _mlp(spec, p, _norm(spec, x, p["ln2_w"], p["ln2_b"])), pattern
+    x = x + attn_out
+    return x + _mlp(spec, p, _norm(spec, x, p["ln2_w"], p["ln2_b"])), pattern
+
+
+def _attention(spec, p, x, qk_offset, mask, frozen):
+    qk_in = x if qk_offset is None else x + qk_offset
+    q = _einsum("sd,hde->she", qk_in, p["W_Q"]) + p["b_Q"]
+    k = _einsum("sd,hde->she", qk_in, p["W_K"]) + p["b_K"]
+    v = _einsum("sd,hde->she", x, p["W_V"]) + p["b_V"]
+    if spec.positional == PositionalScheme.ROTARY:
+        q, k = _rotary(spec, q), _rotary(spec, k)
+    scores = _einsum("she,khe->hsk", q, k) / jnp.sqrt(jnp.asarray(spec.d_head, q.dtype))
+    seq = x.shape[0]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    scores = jnp.where(causal, scores, -jnp.inf)
+    pattern = jax.nn.softmax(scores, axis=-1)
+    if frozen is not None:
+        pattern = frozen.astype(pattern.dtype)
+    z = _einsum("hsk,khe->she", pattern, v)
+    if mask is not None:
+        z = z * mask.astype(z.dtype)[None, :, None]
+    return _einsum("she,hed->sd", z, p["W_O"]) + p["b_O"], pattern
+
+
+def _rotary(spec: ModelSpec, x: Float[Array, "seq head d_head"]) -> Float[Array, "seq head d_head"]:
+    rotary_dim = spec.rotary_dim
+    assert rotary_dim is not None
+    half = rotary_dim // 2
+    inv_freq = 1.0 / (spec.rotary_base ** (jnp.arange(0, rotary_dim, 2, dtype=x.dtype) / rotary_dim))
+    angles = jnp.arange(x.shape[0], dtype=x.dtype)[:, None] * inv_freq[None, :]  # [seq, half]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+
+
+def _mlp(spec: ModelSpec, p, x):
+    hidden = _einsum("sd,dm->sm", x, p["W_in"]) + p["b_in"]
+    return _einsum("sm,md->sd", activation_fn(spec.activation)(hidden), p["W_out"]) + p["b_out"]
+
+
+def activation_fn(activation: Activation):
+    return {
+        Activation.GELU: functools.partial(jax.nn.gelu, approximate=False),
+        Activation.GELU_NEW: functools.partial(jax.nn.gelu, approximate=True),
+        Activation.RELU: jax.nn.relu,
+        Activation.SILU: jax.nn.silu,
+    }[activation]
+
+
+def _norm(spec: ModelSpec, x, w, b):
+    if spec.norm == NormKind.NONE:
+        return x
+    if spec.norm == NormKind.LAYERNORM:
+        x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + spec.norm_eps) * w
+    return x if b is None else x + b

@@ -1,0 +1,1 @@
+"""Score kernels (SCORES.md): one pure function per score, batched in `batched`."""

@@ -1,0 +1,143 @@
+"""The forward pass against two independent computations, for every architectural variant.
+
+1. The NNX reference model's own apply (flax layers, fused projections,
+   jax.nn.dot_product_attention, complex rotary), on the same weights.
+2. A float64 numpy reference that loops over heads and positions (tests/reference.py).
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxinduct.errors import SpecError
+from jaxinduct.forward import forward
+from jaxinduct.model import model_from_weights
+from jaxinduct.weights import ModelSpec, init_random_weights
+from tests.reference import reference_forward
+
+POSITIONAL = [("none", None), ("learned", None), ("shortformer", None), ("rotary", 8), ("rotary", 4)]
+NORMS = ["none", "layernorm", "rmsnorm"]
+BLOCKS = [("attn_only", None, False), ("mlp", 24, False), ("parallel", 24, True)]
+ACTIVATIONS = ["gelu_new", "gelu", "relu", "silu"]
+
+# A pairwise covering design: every (positional, norm), (positional, block) and (norm, block)
+# combination appears at least once, in 15 cases instead of the 45 of the full product.
+VARIANTS = [
+    pytest.param(pos, rotary_dim, norm, BLOCKS[(i + j) % 3], id=f"{pos}{rotary_dim or ''}-{norm}-{BLOCKS[(i + j) % 3][0]}")
+    for (i, (pos, rotary_dim)), (j, norm) in itertools.product(enumerate(POSITIONAL), enumerate(NORMS))
+]
+SEQ = 9
+
+# Jitted once per (spec, shapes): eager calls would re-trace the layer scan every time.
+forward = jax.jit(forward, static_argnames=("return_patterns",))
+
+
+def make_spec(pos, rotary_dim, norm, block, index=0):
+    _, d_mlp, parallel = block
+    return ModelSpec(
+        d_vocab=23, d_model=16, n_layers=2, n_heads=2, d_head=8, n_ctx=12, d_mlp=d_mlp,
+        positional=pos, rotary_dim=rotary_dim, norm=norm, parallel_attn_mlp=parallel,
+        activation=ACTIVATIONS[index % len(ACTIVATIONS)], rotary_base=100.0,
+    )  # fmt: skip
+
+
+def tokens_for(spec, seed=0, batch=3):
+    return jax.random.randint(jax.random.key(seed), (batch, SEQ), 0, spec.d_vocab)
+
+
+@pytest.mark.parametrize("pos,rotary_dim,norm,block", VARIANTS)
+def test_forward_matches_nnx_model_and_dense_reference(pos, rotary_dim, norm, block):
+    index = VARIANTS.index(next(v for v in VARIANTS if v.values == (pos, rotary_dim, norm, block)))
+    spec = make_spec(pos, rotary_dim, norm, block, index)
+    weights = init_random_weights(spec, index)
+    tokens = tokens_for(spec, seed=index)
+
+    out = jax.jit(jax.vmap(lambda t: forward(weights, t, return_patterns=True)))(tokens)
+    nnx_logits = nnx.jit(lambda model, t: model(t))(model_from_weights(weights), tokens)
+    np.testing.assert_allclose(out.logits, nnx_logits, rtol=1e-5, atol=1e-5)
+
+    for b in range(tokens.shape[0]):
+        ref_logits, ref_patterns = reference_forward(weights, tokens[b])
+        np.testing.assert_allclose(out.logits[b], ref_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.patterns[b], ref_patterns, rtol=1e-5, atol=1e-5)
+
+
+def test_patterns_are_causal_rows_summing_to_one():
+    spec = make_spec("learned", None, "layernorm", BLOCKS[1])
+    weights = init_random_weights(spec, 1)
+    patterns = forward(weights, tokens_for(spec)[0], return_patterns=True).patterns
+    assert patterns.shape == (2, 2, SEQ, SEQ)
+    np.testing.assert_allclose(patterns.sum(-1), 1.0, atol=1e-6)
+    assert float(jnp.abs(jnp.triu(patterns, k=1)).max()) == 0.0
+
+
+def test_no_patterns_unless_asked():
+    spec = make_spec("rotary", 8, "rmsnorm", BLOCKS[0])
+    weights = init_random_weights(spec, 2)
+    assert forward(weights, tokens_for(spec)[0]).patterns is None
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b[0])
+def test_head_mask_equals_removing_the_head_from_the_weights(block):
+    spec = make_spec("learned", None, "layernorm", block)
+    weights = init_random_weights(spec, 3)
+    tokens = tokens_for(spec)[0]
+    mask = jnp.ones((2, 2)).at[0, 1].set(0.0).at[1, 0].set(0.0)
+    masked = forward(weights, tokens, head_mask=mask).logits
+    W_O = weights.W_O.at[0, 1].set(0.0).at[1, 0].set(0.0)
+    removed = forward(type(weights)(**{**weights.arrays(), "W_O": W_O}, spec=spec), tokens).logits
+    np.testing.assert_allclose(masked, removed, rtol=1e-5, atol=1e-5)
+    # A mask of ones changes nothing; the masked run does differ from the clean one.
+    np.testing.assert_allclose(forward(weights, tokens, head_mask=jnp.ones((2, 2))).logits,
+                               forward(weights, tokens).logits, rtol=1e-6, atol=1e-6)  # fmt: skip
+    assert float(jnp.abs(masked - forward(weights, tokens).logits).max()) > 1e-3
+
+
+def test_frozen_patterns_match_the_reference_and_preserve_clean_patterns():
+    spec = make_spec("shortformer", None, "layernorm", BLOCKS[1])
+    weights = init_random_weights(spec, 4)
+    tokens = tokens_for(spec)[0]
+    clean = forward(weights, tokens, return_patterns=True)
+    # Freezing the clean patterns reproduces the clean run.
+    refrozen = forward(weights, tokens, frozen_patterns=clean.patterns)
+    np.testing.assert_allclose(refrozen.logits, clean.logits, rtol=1e-5, atol=1e-5)
+    # Pattern-preserving ablation of a layer-0 head: downstream heads keep their clean patterns.
+    mask = jnp.ones((2, 2)).at[0, 0].set(0.0)
+    preserved = forward(weights, tokens, head_mask=mask, frozen_patterns=clean.patterns, return_patterns=True)
+    np.testing.assert_allclose(preserved.patterns, clean.patterns, atol=0)
+    ref_logits, _ = reference_forward(weights, tokens, head_mask=mask, frozen_patterns=clean.patterns)
+    np.testing.assert_allclose(preserved.logits, ref_logits, rtol=1e-5, atol=1e-5)
+    full = forward(weights, tokens, head_mask=mask, return_patterns=True)
+    assert float(jnp.abs(full.patterns[1] - clean.patterns[1]).max()) > 1e-4
+
+
+def test_vmapped_forward_equals_a_loop():
+    spec = make_spec("rotary", 4, "layernorm", BLOCKS[2])
+    weights = init_random_weights(spec, 5)
+    tokens = tokens_for(spec, batch=4)
+    batched = jax.vmap(lambda t: forward(weights, t).logits)(tokens)
+    for b in range(4):
+        np.testing.assert_allclose(batched[b], forward(weights, tokens[b]).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_sequence_longer_than_learned_context_is_an_error():
+    spec = make_spec("learned", None, "layernorm", BLOCKS[0])
+    weights = init_random_weights(spec, 6)
+    with pytest.raises(SpecError, match="exceeds the model's context n_ctx=12"):
+        forward(weights, jnp.zeros(13, jnp.int32))
+    with pytest.raises(SpecError, match="one sequence"):
+        forward(weights, jnp.zeros((2, 5), jnp.int32))
+
+
+def test_bfloat16_weights_run_in_float32():
+    spec = make_spec("learned", None, "layernorm", BLOCKS[1])
+    weights = init_random_weights(spec, 7)
+    half = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), weights)
+    logits = forward(half, tokens_for(spec)[0]).logits
+    assert logits.dtype == jnp.float32
+    widened = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), half)
+    np.testing.assert_allclose(logits, forward(widened, tokens_for(spec)[0]).logits, rtol=1e-6, atol=1e-6)
