@@ -1,8 +1,8 @@
 """Axis names used throughout jaxinduct.
 
-Declared once here and used verbatim in jaxtyping annotations, einsum strings
-(by their first letters where an einsum needs one character) and, later, in
-PartitionSpecs:
+Declared once here and used verbatim in jaxtyping annotations and, later, in
+PartitionSpecs and mesh axes. Einsum strings need single letters; they use
+s (seq), k (kv_seq), h (head), d (d_model), e (d_head), m (d_mlp), v (d_vocab).
 
 =========  ==========================================================
 ckpt       checkpoints of a trajectory, stacked on a leading axis
@@ -18,7 +18,3 @@ d_vocab    vocabulary size
 n_ctx      maximum context length (rows of the positional embedding)
 =========  ==========================================================
 """
-
-CKPT = "ckpt"
-LAYER = "layer"
-HEAD = "head"

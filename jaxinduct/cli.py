@@ -35,7 +35,9 @@ def _train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, kind="bytes", corpus=args.corpus))
     result = train(config, args.out, progress=not args.no_progress)
     print(f"trajectory: {result.out}")
-    if result.resumed_from is not None:
+    if result.resumed_from == config.steps:
+        print("the run was already complete; nothing was trained")
+    elif result.resumed_from is not None:
         print(f"resumed after committed step {result.resumed_from}")
     print(f"{len(result.steps_saved)} committed checkpoints, steps {result.steps_saved[0]}..{result.steps_saved[-1]}")
     if result.final_loss is not None:
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small reference model on built-in data (or a text corpus) and save "
         "checkpoints dense early and sparse late. Re-running with the same options resumes.",
     )
-    train.add_argument("--preset", default="quickstart", help="model + data preset (see --list-presets)")
+    train.add_argument("--preset", default="quickstart", help="model + data preset (default: quickstart; see --list-presets)")
     train.add_argument("--out", help="trajectory directory (new, empty, or a run of the same config to resume)")
     train.add_argument("--corpus", help="train byte-level on this text file or folder instead of generated data")
     train.add_argument("--steps", type=int, help="optimizer steps (overrides the preset)")

@@ -79,10 +79,11 @@ def _tiled_batch(key, batch_size, seq_len, min_block, max_block, d_vocab, bos):
 
 
 def read_corpus(path: str | os.PathLike) -> np.ndarray:
-    """All bytes of a text file, or of every non-hidden file under a folder (sorted).
+    """All bytes of a text file, or of every non-hidden text file under a folder (sorted).
 
     Files of a folder are joined with a newline so that windows rarely straddle
-    two files without a separator.
+    two files without a separator; files with a NUL byte in their first 8 KiB are
+    taken for binary and skipped.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -100,14 +101,20 @@ def read_corpus(path: str | os.PathLike) -> np.ndarray:
     else:
         raise CorpusError(f"corpus {root} is neither a file nor a folder")
     chunks = []
+    binary = 0
     for f in files:
         try:
-            chunks.append(f.read_bytes())
+            content = f.read_bytes()
         except OSError as e:
             raise CorpusError(f"cannot read corpus file {f}: {e.strerror}") from e
+        if b"\0" in content[:8192] and len(files) > 1:
+            binary += 1  # a folder's binary files (images, .pyc) are not text: skip them
+            continue
+        chunks.append(content)
     data = b"\n".join(chunks)
     if not data.strip():
-        raise CorpusError(f"corpus {root} is empty (read {len(files)} file(s), {len(data)} bytes, all whitespace)")
+        skipped = f", skipped {binary} binary file(s)" if binary else ""
+        raise CorpusError(f"corpus {root} is empty (read {len(chunks)} file(s), {len(data)} bytes, all whitespace{skipped})")
     return np.frombuffer(data, dtype=np.uint8)
 
 

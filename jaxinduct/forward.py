@@ -21,6 +21,7 @@ default float32 matmul precision (TF32) moves scores in the third decimal.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -28,15 +29,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxinduct.errors import SpecError
-from jaxinduct.weights import Activation, ModelSpec, NormKind, PositionalScheme, Weights
+from jaxinduct.weights import LAYER_FIELDS, Activation, ModelSpec, NormKind, PositionalScheme, Weights
 
 _einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
-
-# Leaves that carry a leading layer axis and are scanned over.
-_LAYER_FIELDS = (
-    "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O",
-    "ln1_w", "ln1_b", "ln2_w", "ln2_b", "W_in", "b_in", "W_out", "b_out",
-)  # fmt: skip
 
 
 class ForwardOutput(NamedTuple):
@@ -62,21 +57,22 @@ def forward(
         clean patterns frozen).
     """
     spec = weights.spec
-    seq = tokens.shape[-1]
-    if tokens.ndim != 1:
-        raise SpecError(f"forward takes one sequence [seq]; got tokens of shape {tokens.shape} (vmap for batches)")
-    if spec.has_pos_embed and seq > spec.n_ctx:
-        raise SpecError(f"sequence of length {seq} exceeds the model's context n_ctx={spec.n_ctx}")
+    _check_shapes(spec, tokens, head_mask, frozen_patterns)
+    seq = tokens.shape[0]
     dtype = jnp.promote_types(weights.W_E.dtype, jnp.float32)
     weights = jax.tree_util.tree_map(lambda a: a.astype(dtype), weights)
 
-    residual = weights.W_E[tokens]
+    # An out-of-range id becomes a NaN embedding (and NaN logits for the whole sequence, since
+    # masked keys still multiply their values by 0) instead of silently reading the nearest
+    # row, so a vocabulary mismatch cannot produce plausible wrong scores.
+    in_vocab = (tokens >= 0) & (tokens < spec.d_vocab)
+    residual = jnp.where(in_vocab[:, None], weights.W_E[jnp.clip(tokens, 0, spec.d_vocab - 1)], jnp.nan)
     pos_embed = weights.W_pos[:seq] if spec.has_pos_embed else None
     if spec.positional == PositionalScheme.LEARNED:
         residual = residual + pos_embed
     qk_offset = pos_embed if spec.positional == PositionalScheme.SHORTFORMER else None
 
-    layers = {name: getattr(weights, name) for name in _LAYER_FIELDS}
+    layers = {name: getattr(weights, name) for name in LAYER_FIELDS}
 
     def step(x, per_layer):
         params, mask, frozen = per_layer
@@ -87,6 +83,20 @@ def forward(
     final = _norm(spec, residual, weights.ln_final_w, weights.ln_final_b)
     logits = _einsum("sd,dv->sv", final, weights.W_U) + weights.b_U
     return ForwardOutput(logits=logits, patterns=patterns)
+
+
+def _check_shapes(spec: ModelSpec, tokens: Array, head_mask: Array | None, frozen: Array | None) -> None:
+    # Shapes are static under jit, so these checks cost nothing and beat an einsum error.
+    if tokens.ndim != 1:
+        raise SpecError(f"forward takes one sequence [seq]; got tokens of shape {tokens.shape} (vmap for batches)")
+    seq = tokens.shape[0]
+    if spec.has_pos_embed and seq > spec.n_ctx:
+        raise SpecError(f"sequence of length {seq} exceeds the model's context n_ctx={spec.n_ctx}")
+    if head_mask is not None and head_mask.shape != (spec.n_layers, spec.n_heads):
+        raise SpecError(f"head_mask has shape {head_mask.shape}, expected [layer, head] = {(spec.n_layers, spec.n_heads)}")
+    expected = (spec.n_layers, spec.n_heads, seq, seq)
+    if frozen is not None and frozen.shape != expected:
+        raise SpecError(f"frozen_patterns has shape {frozen.shape}, expected [layer, head, seq, kv_seq] = {expected}")
 
 
 def _block(
@@ -107,7 +117,14 @@ def _block(
     return x + _mlp(spec, p, _norm(spec, x, p["ln2_w"], p["ln2_b"])), pattern
 
 
-def _attention(spec, p, x, qk_offset, mask, frozen):
+def _attention(
+    spec: ModelSpec,
+    p: dict[str, Array | None],
+    x: Float[Array, "seq d_model"],
+    qk_offset: Float[Array, "seq d_model"] | None,
+    mask: Float[Array, " head"] | None,
+    frozen: Float[Array, "head seq kv_seq"] | None,
+) -> tuple[Float[Array, "seq d_model"], Float[Array, "head seq kv_seq"]]:
     qk_in = x if qk_offset is None else x + qk_offset
     q = _einsum("sd,hde->she", qk_in, p["W_Q"]) + p["b_Q"]
     k = _einsum("sd,hde->she", qk_in, p["W_K"]) + p["b_K"]
@@ -139,12 +156,12 @@ def _rotary(spec: ModelSpec, x: Float[Array, "seq head d_head"]) -> Float[Array,
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
-def _mlp(spec: ModelSpec, p, x):
+def _mlp(spec: ModelSpec, p: dict[str, Array | None], x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_model"]:
     hidden = _einsum("sd,dm->sm", x, p["W_in"]) + p["b_in"]
     return _einsum("sm,md->sd", activation_fn(spec.activation)(hidden), p["W_out"]) + p["b_out"]
 
 
-def activation_fn(activation: Activation):
+def activation_fn(activation: Activation) -> Callable[[Array], Array]:
     return {
         Activation.GELU: functools.partial(jax.nn.gelu, approximate=False),
         Activation.GELU_NEW: functools.partial(jax.nn.gelu, approximate=True),
@@ -153,7 +170,9 @@ def activation_fn(activation: Activation):
     }[activation]
 
 
-def _norm(spec: ModelSpec, x, w, b):
+def _norm(
+    spec: ModelSpec, x: Float[Array, "seq d_model"], w: Array | None, b: Array | None
+) -> Float[Array, "seq d_model"]:
     if spec.norm == NormKind.NONE:
         return x
     if spec.norm == NormKind.LAYERNORM:

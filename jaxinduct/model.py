@@ -21,8 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxinduct.errors import SpecError
-from jaxinduct.forward import activation_fn
-from jaxinduct.weights import ModelSpec, NormKind, PositionalScheme, Weights, make_weights
+from jaxinduct.weights import Activation, ModelSpec, NormKind, PositionalScheme, Weights, make_weights
 
 # GPT-2-style init, N(0, 0.02) for every matrix. Measured on the quickstart corpus: with
 # flax's default lecun-normal kernels the 2-layer model sits on a "bag of tokens" loss
@@ -81,10 +80,20 @@ class MLP(nnx.Module):
         assert spec.d_mlp is not None
         self.fc_in = nnx.Linear(spec.d_model, spec.d_mlp, kernel_init=_INIT, rngs=rngs)
         self.fc_out = nnx.Linear(spec.d_mlp, spec.d_model, kernel_init=_INIT, rngs=rngs)
-        self.act = activation_fn(spec.activation)
+        self.activation = spec.activation
 
     def __call__(self, x: Array) -> Array:
-        return self.fc_out(self.act(self.fc_in(x)))
+        hidden = self.fc_in(x)
+        match self.activation:
+            case Activation.GELU:
+                hidden = nnx.gelu(hidden, approximate=False)
+            case Activation.GELU_NEW:
+                hidden = nnx.gelu(hidden, approximate=True)
+            case Activation.RELU:
+                hidden = nnx.relu(hidden)
+            case Activation.SILU:
+                hidden = nnx.silu(hidden)
+        return self.fc_out(hidden)
 
 
 class Block(nnx.Module):

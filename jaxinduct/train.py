@@ -14,8 +14,10 @@ a directory that holds anything else is refused.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,27 +36,39 @@ from jaxinduct.model import Transformer, nnx_params_to_weights
 from jaxinduct.probes import default_token_pool, repeated_random_tokens
 from jaxinduct.scores.batched import head_prefix_matching
 from jaxinduct.trajectory import (
-    LAYOUT_NNX,
+    LOCK_FILE,
     META,
     OPT_STATE,
     PARAMS,
     RUN_FILE,
-    manager_options,
+    Layout,
+    committed_steps,
     read_run_file,
     write_json_atomic,
+    writer_lock,
+    writer_options,
 )
 from jaxinduct.weights import ModelSpec
 
 
+class DataKind(enum.StrEnum):
+    TILED = "tiled"  # generated repeated blocks (no download)
+    BYTES = "bytes"  # a text file or folder, byte-level
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """``tiled``: generated repeated blocks; ``bytes``: a text file or folder (``corpus``)."""
-
-    kind: str = "tiled"
+    kind: DataKind = DataKind.TILED
     min_block_frac: float = 1 / 8  # tiled block length, as a fraction of the context
     max_block_frac: float = 1 / 2
-    corpus: str | None = None
+    corpus: str | None = None  # bytes: the file or folder (informational; identity is the digest)
     corpus_digest: str | None = None  # filled in when the corpus is read
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "kind", DataKind(self.kind))
+        except ValueError:
+            raise ConfigError(f"unknown data kind {self.kind!r}; use one of: {', '.join(DataKind)}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +95,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["model"] = self.model.to_dict()
+        out["data"]["kind"] = self.data.kind.value
         return out
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """The run's identity. A corpus counts by its content, not its path, so that moving
+        or renaming an identical corpus does not make a different run."""
+        identity = self.to_dict()
+        identity["data"].pop("corpus")
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _tiled(**model: Any) -> ModelSpec:
@@ -123,7 +142,7 @@ PRESETS: dict[str, TrainConfig] = {
             d_vocab=BYTE_VOCAB, d_model=128, n_layers=2, n_heads=4, d_head=32, n_ctx=256,
             d_mlp=512, bos_token_id=BYTE_BOS,
         ),  # fmt: skip
-        data=DataConfig(kind="bytes"),
+        data=DataConfig(kind=DataKind.BYTES),
         steps=3000,
         schedule=ScheduleConfig(dense_every=50, dense_until=1000, sparse_every=250),
     ),
@@ -164,13 +183,18 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"batch_size must be at least 1, got {config.batch_size}")
     if not config.learning_rate > 0:
         raise ConfigError(f"learning_rate must be positive, got {config.learning_rate}")
+    if config.warmup_steps < 0 or config.weight_decay < 0 or not config.grad_clip > 0:
+        raise ConfigError(
+            f"need warmup_steps >= 0, weight_decay >= 0 and grad_clip > 0; got {config.warmup_steps}, "
+            f"{config.weight_decay}, {config.grad_clip}"
+        )
     s = config.schedule
     if min(s.dense_every, s.sparse_every) < 1 or s.dense_until < 0:
         raise ConfigError(f"schedule intervals must be positive: {s}")
-    if config.data.kind not in ("tiled", "bytes"):
-        raise ConfigError(f"unknown data kind {config.data.kind!r}; use 'tiled' or 'bytes'")
-    if config.data.kind == "bytes" and not config.data.corpus:
+    if config.data.kind == DataKind.BYTES and not config.data.corpus:
         raise ConfigError(f"preset {config.preset!r} trains on text: pass --corpus FILE_OR_FOLDER")
+    if config.data.kind == DataKind.TILED and config.data.corpus is None and config.model.bos_token_id is None:
+        raise ConfigError("generated (tiled) data needs the model spec to name a bos_token_id")
 
 
 def resolve_data(config: TrainConfig) -> tuple[TrainConfig, TiledBlocks | ByteCorpus]:
@@ -186,7 +210,7 @@ def resolve_data(config: TrainConfig) -> tuple[TrainConfig, TiledBlocks | ByteCo
             min_block=max(1, round(spec.n_ctx * config.data.min_block_frac)),
             max_block=max(1, round(spec.n_ctx * config.data.max_block_frac)),
             seed=data_seed,
-            bos_token_id=spec.bos_token_id if spec.bos_token_id is not None else 0,
+            bos_token_id=spec.bos_token_id,
         )
         return config, source
     corpus = read_corpus(config.data.corpus)
@@ -196,7 +220,7 @@ def resolve_data(config: TrainConfig) -> tuple[TrainConfig, TiledBlocks | ByteCo
         model = dataclasses.replace(model, d_vocab=BYTE_VOCAB, bos_token_id=BYTE_BOS)
     data = dataclasses.replace(
         config.data,
-        kind="bytes",
+        kind=DataKind.BYTES,
         corpus=str(Path(config.data.corpus).expanduser().resolve()),
         corpus_digest=corpus_digest(corpus),
     )
@@ -218,7 +242,8 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
-        warmup_steps=min(config.warmup_steps, config.steps),
+        # A run no longer than its warm-up keeps one step of (cosine) decay: optax needs one.
+        warmup_steps=min(config.warmup_steps, config.steps - 1),
         decay_steps=config.steps,
         end_value=config.learning_rate * 0.1,
     )
@@ -228,31 +253,52 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def _prepare_out_dir(out: Path, config: TrainConfig, schedule: list[int]) -> bool:
-    """Create or check the run directory. Returns True when an earlier run of this config is there."""
+def _check_out_dir(out: Path, config: TrainConfig) -> None:
+    """Refuse an --out that cannot hold this run, before anything is written."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file; give a directory path")
+    if config.data.corpus is not None:
+        corpus = Path(config.data.corpus)
+        if corpus.is_dir() and out.is_relative_to(corpus):
+            raise RunDirError(f"--out {out} is inside the corpus folder {corpus}; its checkpoints would become corpus")
     run_file = read_run_file(out) if out.exists() else None
-    if run_file is None:
-        if out.exists() and any(out.iterdir()):
+    if run_file is not None:
+        _refuse_other_run(out, run_file, config, committed_steps(out))
+    elif out.exists():
+        ours = {RUN_FILE, LOCK_FILE}
+        others = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(f".{RUN_FILE}.")]
+        if others:
             raise RunDirError(
-                f"--out {out} is not empty and holds no jaxinduct run ({RUN_FILE} missing); "
+                f"--out {out} is not empty and holds no jaxinduct run ({RUN_FILE} missing; found {sorted(others)[:3]}); "
                 "choose a new or empty directory"
             )
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            out / RUN_FILE,
-            {
-                "format": LAYOUT_NNX,
-                "jaxinduct_version": __version__,
-                "config": config.to_dict(),
-                "config_hash": config.config_hash(),
-                "checkpoint_steps": schedule,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-        )
-        return False
-    if run_file.get("config_hash") != config.config_hash():
+
+
+def _claim_out_dir(out: Path, config: TrainConfig, schedule: list[int], committed: list[int]) -> bool:
+    """Record this run in --out (under the writer lock). True when a run of this config is there."""
+    run_file = read_run_file(out)
+    if run_file is not None and run_file.get("config_hash") == config.config_hash():
+        return True
+    if run_file is not None:
+        _refuse_other_run(out, run_file, config, committed)  # checked again: another writer may have been first
+    # New, or a run that crashed before committing any step: nothing to lose by (re)claiming it.
+    write_json_atomic(
+        out / RUN_FILE,
+        {
+            "format": Layout.NNX.value,
+            "jaxinduct_version": __version__,
+            "config": config.to_dict(),
+            "config_hash": config.config_hash(),
+            "checkpoint_steps": schedule,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    return False
+
+
+def _refuse_other_run(out: Path, run_file: dict[str, Any], config: TrainConfig, committed: list[int]) -> None:
+    """A directory with committed steps of another config is never touched."""
+    if run_file.get("config_hash") != config.config_hash() and committed:
         theirs = run_file.get("config", {})
         ours = config.to_dict()
         differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -261,18 +307,21 @@ def _prepare_out_dir(out: Path, config: TrainConfig, schedule: list[int]) -> boo
             f"config hash {run_file.get('config_hash')}; differs in {differing}). "
             "Choose another --out, or delete that directory to replace it."
         )
-    return True
 
 
 def train(config: TrainConfig, out: str | Path, *, progress: bool = True, monitor_examples: int = 8) -> TrainResult:
-    """Train ``config`` and write its trajectory to ``out`` (resuming a run of the same config)."""
+    """Train ``config`` and write its trajectory to ``out`` (resuming a run of the same config).
+
+    Everything that can fail on bad input (options, corpus, --out) is checked before
+    anything is written.
+    """
     started = time.perf_counter()
     validate(config)
     config, source = resolve_data(config)
     out = Path(out).expanduser().resolve()
+    _check_out_dir(out, config)
     spec = config.model
     schedule = checkpoint_steps(config.steps, config.schedule)
-    resuming = _prepare_out_dir(out, config, schedule)
 
     model = Transformer(spec, rngs=nnx.Rngs(config.seed))
     graphdef, state_template = nnx.split(model, nnx.Param)
@@ -280,53 +329,52 @@ def train(config: TrainConfig, out: str | Path, *, progress: bool = True, monito
     optimizer = _optimizer(config)
     opt_state = optimizer.init(params)
     train_step = _make_train_step(graphdef, state_template, optimizer)
+    monitor_tokens = _monitor_probe(spec, monitor_examples)
 
-    monitor_tokens = None
-    if spec.n_ctx >= 101 and len(default_token_pool(spec)) >= 25:
-        monitor_tokens = jnp.asarray(
-            repeated_random_tokens(
-                default_token_pool(spec), n_examples=monitor_examples, bos_token_id=spec.bos_token_id, seed=12345
-            )
-        )
+    def monitor(params: dict) -> np.ndarray | None:
+        if monitor_tokens is None:
+            return None
+        return np.asarray(head_prefix_matching(nnx_params_to_weights(spec, params), monitor_tokens))
 
-    with ocp.CheckpointManager(out, options=manager_options(), item_names=(PARAMS, OPT_STATE, META)) as manager:
-        saved = set(manager.all_steps())
-        start = 0
-        resumed_from = None
-        if resuming and saved:
-            start = max(saved)
-            resumed_from = start
+    out.mkdir(parents=True, exist_ok=True)
+    with (
+        writer_lock(out),
+        ocp.CheckpointManager(out, options=writer_options(), item_names=(PARAMS, OPT_STATE, META)) as manager,
+    ):
+        committed = sorted(manager.all_steps())
+        resuming = _claim_out_dir(out, config, schedule, committed)
+        start = committed[-1] if resuming and committed else 0
+        resumed_from = start if resuming and committed else None
+        if resumed_from is not None:
+            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, (params, opt_state))
             restored = manager.restore(
                 start,
                 args=ocp.args.Composite(
                     **{
-                        PARAMS: ocp.args.StandardRestore(jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, params)),
-                        OPT_STATE: ocp.args.StandardRestore(
-                            jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, opt_state)
-                        ),
+                        PARAMS: ocp.args.StandardRestore(abstract[0]),
+                        OPT_STATE: ocp.args.StandardRestore(abstract[1]),
+                        META: ocp.args.JsonRestore(),
                     }
                 ),
             )
             params, opt_state = restored[PARAMS], restored[OPT_STATE]
-        todo = [s for s in schedule if s > start or (s == 0 and 0 not in saved)]
+        last_loss: float | None = restored[META]["loss"] if resumed_from is not None else None
 
-        bar = _progress_bar(config.steps, start, enabled=progress)
-        losses: list[float] = []
-        last_loss: float | None = None
-        pm = None
+        bar = _Progress(config.steps, start, enabled=progress and start < config.steps)
+        losses: list[jax.Array] = []
+        prefix_matching: np.ndarray | None = None
 
         def save(step: int) -> None:
-            nonlocal pm, last_loss
+            nonlocal last_loss, prefix_matching
             mean_loss = float(np.mean(losses)) if losses else None
             losses.clear()
-            if mean_loss is not None:
-                last_loss = mean_loss
+            last_loss = mean_loss if mean_loss is not None else last_loss
             meta = {
                 "step": step,
                 "tokens_seen": step * config.batch_size * spec.n_ctx,
-                "loss": mean_loss,
+                "loss": mean_loss,  # mean training loss over the steps since the previous save
                 "spec": spec.to_dict(),
-                "layout": LAYOUT_NNX,
+                "layout": Layout.NNX.value,
                 "config_hash": config.config_hash(),
             }
             manager.save(
@@ -339,13 +387,12 @@ def train(config: TrainConfig, out: str | Path, *, progress: bool = True, monito
                     }
                 ),
             )
-            if monitor_tokens is not None:
-                pm = np.asarray(head_prefix_matching(nnx_params_to_weights(spec, params), monitor_tokens))
-                bar.set_postfix(loss=f"{mean_loss:.3f}" if mean_loss is not None else "-", prefix_match=f"{pm.max():.2f}")
+            prefix_matching = monitor(params)
+            bar.checkpoint(mean_loss, prefix_matching)
 
-        if todo and todo[0] == 0:
+        if 0 not in committed:
             save(0)
-        save_at = set(todo)
+        save_at = set(schedule)
         for step in range(start, config.steps):
             params, opt_state, loss = train_step(params, opt_state, source.batch(step))
             losses.append(loss)
@@ -354,18 +401,26 @@ def train(config: TrainConfig, out: str | Path, *, progress: bool = True, monito
                 save(step + 1)
         bar.close()
         manager.wait_until_finished()
-        saved_steps = manager.all_steps()
-    if monitor_tokens is not None:
-        pm = np.asarray(head_prefix_matching(nnx_params_to_weights(spec, params), monitor_tokens))
+        saved_steps = sorted(manager.all_steps())
 
+    if prefix_matching is None:  # nothing was trained in this call (the run was complete)
+        prefix_matching = monitor(params)
     return TrainResult(
         out=out,
-        steps_saved=sorted(saved_steps),
+        steps_saved=saved_steps,
         final_loss=last_loss,
-        prefix_matching=pm,
+        prefix_matching=prefix_matching,
         resumed_from=resumed_from,
         seconds=time.perf_counter() - started,
     )
+
+
+def _monitor_probe(spec: ModelSpec, n_examples: int) -> jax.Array | None:
+    """The standard prefix-matching probe, when the model's context and vocabulary fit it."""
+    pool = default_token_pool(spec)
+    if spec.n_ctx < 101 or len(pool) < 25:  # [BOS] + 4 x 25 tokens
+        return None
+    return jnp.asarray(repeated_random_tokens(pool, n_examples=n_examples, bos_token_id=spec.bos_token_id, seed=12345))
 
 
 def _make_train_step(graphdef, state_template, optimizer):
@@ -384,7 +439,27 @@ def _make_train_step(graphdef, state_template, optimizer):
     return train_step
 
 
-def _progress_bar(total: int, initial: int, *, enabled: bool):
-    from tqdm.auto import tqdm
+class _Progress:
+    """A progress bar on a terminal; one line per checkpoint in a log file (cluster jobs, CI)."""
 
-    return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+    def __init__(self, total: int, initial: int, *, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.total, self.step = total, initial
+        self.lines = enabled and not sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, unit="step", disable=not enabled or self.lines, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.step += n
+        self.bar.update(n)
+
+    def checkpoint(self, loss: float | None, prefix_matching: np.ndarray | None) -> None:
+        fields = {"loss": "-" if loss is None else f"{loss:.3f}"}
+        if prefix_matching is not None:
+            fields["prefix_match"] = f"{prefix_matching.max():.2f}"
+        self.bar.set_postfix(fields)
+        if self.lines:
+            print(f"step {self.step}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items()), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()

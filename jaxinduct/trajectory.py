@@ -1,44 +1,62 @@
 """jaxinduct's own Orbax trajectory layout.
 
 A trajectory directory is a plain Orbax CheckpointManager directory (any Orbax
-user can call ``CheckpointManager(dir).all_steps()``) plus one JSON file that
-says which run wrote it::
+user can call ``CheckpointManager(dir).all_steps()``) plus files that say which
+run wrote it::
 
     DIR/jaxinduct_run.json     run identity: config, config hash, schedule
+    DIR/jaxinduct_run.lock     held (flock) by the one process writing the run
     DIR/<step>/params/         the reference model's params, nnx.to_pure_dict layout
     DIR/<step>/opt_state/      optimizer state (for resuming training)
     DIR/<step>/meta/           JSON: step, tokens_seen, loss, spec, layout
 
-Every step describes itself (its ``meta`` carries the model spec), so a step
-copied out of its directory can still be read.
+Every step describes itself (its ``meta`` carries the model spec and layout), so
+a step copied out of its directory can still be read. Readers never write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import fcntl
 import json
+import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxinduct.errors import RunDirError
-from jaxinduct.model import nnx_params_to_weights
-from jaxinduct.weights import ModelSpec, Weights
+from jaxinduct.model import nnx_params_to_weights, weights_to_nnx_params
+from jaxinduct.weights import ModelSpec, Weights, expected_shapes, make_weights
 
 RUN_FILE = "jaxinduct_run.json"
-LAYOUT_NNX = "jaxinduct.nnx/1"
+LOCK_FILE = "jaxinduct_run.lock"
 PARAMS, OPT_STATE, META = "params", "opt_state", "meta"
+
+
+class Layout(enum.StrEnum):
+    """How a step's ``params`` item is laid out; one converter to Weights each."""
+
+    NNX = "jaxinduct.nnx/1"  # the reference model's nnx.to_pure_dict tree
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read_run_file(directory: Path) -> dict[str, Any] | None:
@@ -51,20 +69,73 @@ def read_run_file(directory: Path) -> dict[str, Any] | None:
         raise RunDirError(f"{path} is unreadable ({e}); delete the directory or choose another --out") from e
 
 
-def manager_options(**overrides: Any) -> ocp.CheckpointManagerOptions:
-    # Keep every step (a trajectory is the point); clear leftovers of saves a crash interrupted.
-    return ocp.CheckpointManagerOptions(max_to_keep=None, cleanup_tmp_directories=True, **overrides)
+@contextlib.contextmanager
+def writer_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory for as long as one process writes it.
+
+    Two writers would delete each other's in-progress saves and race on step names.
+    The lock is released by the OS if the process dies, so a crash never leaves it held.
+    """
+    with open(directory / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"another process is writing {directory} (it holds {LOCK_FILE}); wait for it or stop it"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def writer_options() -> ocp.CheckpointManagerOptions:
+    # Keep every step (a trajectory is the point); clear leftovers of saves a crash
+    # interrupted (safe only because the writer holds the lock).
+    return ocp.CheckpointManagerOptions(max_to_keep=None, cleanup_tmp_directories=True)
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    # Orbax warns on every read-only manager, which is every read jaxinduct does.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
+def reader_options() -> ocp.CheckpointManagerOptions:
+    # Readers may look at a run that is still being written: never create, clean or delete.
+    return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+
+
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+    directory = Path(directory).expanduser().resolve()  # Orbax wants absolute paths
+    if not directory.is_dir():
+        raise RunDirError(f"trajectory directory {directory} does not exist")
+    with ocp.CheckpointManager(directory, options=reader_options()) as manager:
+        return sorted(manager.all_steps())
 
 
 def restore_weights(directory: str | os.PathLike, step: int) -> tuple[Weights, dict[str, Any]]:
     """Canonical Weights and the meta dict of one step of a jaxinduct trajectory."""
-    directory = Path(directory)
-    with ocp.CheckpointManager(directory, item_names=(PARAMS, META)) as manager:
-        if step not in manager.all_steps():
-            raise RunDirError(f"{directory} has no committed step {step}; it has {manager.all_steps()}")
-        restored = manager.restore(
-            step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(), META: ocp.args.JsonRestore()})
-        )
-    meta = restored[META]
-    spec = ModelSpec.from_dict(meta["spec"])
-    return nnx_params_to_weights(spec, restored[PARAMS]), meta
+    directory = Path(directory).expanduser().resolve()  # Orbax wants absolute paths
+    steps = committed_steps(directory)
+    if step not in steps:
+        raise RunDirError(f"{directory} has no committed step {step}; committed steps: {steps}")
+    with ocp.CheckpointManager(directory, options=reader_options(), item_names=(PARAMS, META)) as manager:
+        meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        layout = meta.get("layout")
+        if layout != Layout.NNX:
+            raise RunDirError(f"step {step} of {directory} has params layout {layout!r}; this reader knows {Layout.NNX.value!r}")
+        spec = ModelSpec.from_dict(meta["spec"])
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_nnx_params(spec))
+        params = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
+    return nnx_params_to_weights(spec, params), meta
+
+
+def abstract_nnx_params(spec: ModelSpec) -> dict:
+    """The nnx params tree of a spec as shape/dtype structs (a restore target; no arrays made)."""
+    shapes = expected_shapes(spec)
+    structs = {name: jax.ShapeDtypeStruct(shape, jax.numpy.float32) for name, shape in shapes.items()}
+    return jax.eval_shape(lambda arrays: weights_to_nnx_params(make_weights(spec, arrays)), structs)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
-import json
 from typing import Any
 
 import jax
@@ -82,14 +80,28 @@ class ModelSpec:
     bos_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        # Coerce strings (from JSON, YAML, the CLI) into the enums.
-        object.__setattr__(self, "positional", PositionalScheme(self.positional))
-        object.__setattr__(self, "norm", NormKind(self.norm))
-        object.__setattr__(self, "activation", Activation(self.activation))
+        # Coerce strings (from JSON, YAML, the CLI) into the enums, and numbers into one type,
+        # so that specs that compare equal also serialise (and hash into run ids) identically.
+        for name, kind in (("positional", PositionalScheme), ("norm", NormKind), ("activation", Activation)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                allowed = ", ".join(k.value for k in kind)
+                raise SpecError(f"ModelSpec.{name} must be one of {allowed}; got {getattr(self, name)!r}") from None
         for name in ("d_vocab", "d_model", "n_layers", "n_heads", "d_head", "n_ctx"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise SpecError(f"ModelSpec.{name} must be a positive integer, got {value!r}")
+        for name in ("d_mlp", "rotary_dim", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise SpecError(f"ModelSpec.{name} must be an integer or None, got {value!r}")
+        for name in ("rotary_base", "norm_eps"):
+            value = getattr(self, name)
+            if _is_int(value) or isinstance(value, float):
+                object.__setattr__(self, name, float(value))
+            if not isinstance(getattr(self, name), float) or not getattr(self, name) > 0:
+                raise SpecError(f"ModelSpec.{name} must be a positive number, got {value!r}")
         if self.d_mlp is not None and self.d_mlp < 1:
             raise SpecError(f"ModelSpec.d_mlp must be a positive integer or None, got {self.d_mlp!r}")
         if self.positional == PositionalScheme.ROTARY:
@@ -129,10 +141,15 @@ class ModelSpec:
             raise SpecError(f"unknown ModelSpec fields {unknown}; known fields are {sorted(known)}")
         return cls(**data)
 
-    def fingerprint(self) -> str:
-        """A short stable hash of the spec (for file names and run identity)."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _per_layer() -> Any:
+    """A leaf with a leading layer axis (the forward pass scans over these)."""
+    return dataclasses.field(default=None, metadata={"per_layer": True})
 
 
 @jax.tree_util.register_dataclass
@@ -144,30 +161,31 @@ class Weights:
     """
 
     W_E: Float[Array, "d_vocab d_model"]
-    W_Q: Float[Array, "layer head d_model d_head"]
-    W_K: Float[Array, "layer head d_model d_head"]
-    W_V: Float[Array, "layer head d_model d_head"]
-    W_O: Float[Array, "layer head d_head d_model"]
-    b_Q: Float[Array, "layer head d_head"]
-    b_K: Float[Array, "layer head d_head"]
-    b_V: Float[Array, "layer head d_head"]
-    b_O: Float[Array, "layer d_model"]
     W_U: Float[Array, "d_model d_vocab"]
     b_U: Float[Array, " d_vocab"]
+    # Attention: always present (zero biases where a source has none).
+    W_Q: Float[Array, "layer head d_model d_head"] = _per_layer()
+    W_K: Float[Array, "layer head d_model d_head"] = _per_layer()
+    W_V: Float[Array, "layer head d_model d_head"] = _per_layer()
+    W_O: Float[Array, "layer head d_head d_model"] = _per_layer()
+    b_Q: Float[Array, "layer head d_head"] = _per_layer()
+    b_K: Float[Array, "layer head d_head"] = _per_layer()
+    b_V: Float[Array, "layer head d_head"] = _per_layer()
+    b_O: Float[Array, "layer d_model"] = _per_layer()
     W_pos: Float[Array, "n_ctx d_model"] | None = None
     # Norm scales (w) and biases (b). None when spec.norm is none; biases None for rmsnorm.
-    ln1_w: Float[Array, "layer d_model"] | None = None
-    ln1_b: Float[Array, "layer d_model"] | None = None
-    ln2_w: Float[Array, "layer d_model"] | None = None
-    ln2_b: Float[Array, "layer d_model"] | None = None
+    ln1_w: Float[Array, "layer d_model"] | None = _per_layer()
+    ln1_b: Float[Array, "layer d_model"] | None = _per_layer()
+    ln2_w: Float[Array, "layer d_model"] | None = _per_layer()
+    ln2_b: Float[Array, "layer d_model"] | None = _per_layer()
     ln_final_w: Float[Array, " d_model"] | None = None
     ln_final_b: Float[Array, " d_model"] | None = None
     # MLP; None for attention-only models.
-    W_in: Float[Array, "layer d_model d_mlp"] | None = None
-    b_in: Float[Array, "layer d_mlp"] | None = None
-    W_out: Float[Array, "layer d_mlp d_model"] | None = None
-    b_out: Float[Array, "layer d_model"] | None = None
-    spec: ModelSpec = dataclasses.field(default=None, metadata=dict(static=True))  # type: ignore[assignment]
+    W_in: Float[Array, "layer d_model d_mlp"] | None = _per_layer()
+    b_in: Float[Array, "layer d_mlp"] | None = _per_layer()
+    W_out: Float[Array, "layer d_mlp d_model"] | None = _per_layer()
+    b_out: Float[Array, "layer d_model"] | None = _per_layer()
+    spec: ModelSpec = dataclasses.field(kw_only=True, metadata=dict(static=True))
 
     def arrays(self) -> dict[str, Array]:
         """The present array leaves by canonical name."""
@@ -179,6 +197,7 @@ class Weights:
 
 
 ARRAY_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Weights) if f.name != "spec")
+LAYER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Weights) if f.metadata.get("per_layer"))
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

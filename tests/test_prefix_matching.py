@@ -87,3 +87,17 @@ def test_prefix_matching_vmaps_over_heads():
     to_bos = one_hot_pattern(np.zeros(seq, int), seq)
     scores = jax.vmap(prefix_matching, in_axes=(0, None))(jnp.asarray(np.stack([ideal, to_bos])), tokens)
     np.testing.assert_allclose(scores, [1.0, 0.0], atol=1e-7)
+
+
+def test_stacked_scores_equal_a_loop_over_checkpoints():
+    from jaxinduct.scores.batched import head_prefix_matching, stacked_prefix_matching
+    from jaxinduct.weights import init_random_weights, stack_weights
+
+    spec = ModelSpec(d_vocab=40, d_model=16, n_layers=2, n_heads=2, d_head=8, n_ctx=101, bos_token_id=0)
+    checkpoints = [init_random_weights(spec, seed, scale=2.0) for seed in range(4)]
+    tokens = jnp.asarray(repeated_random_tokens(default_token_pool(spec), n_examples=3, bos_token_id=0))
+    stacked = stacked_prefix_matching(stack_weights(checkpoints), tokens)
+    assert stacked.shape == (4, 2, 2)
+    for i, weights in enumerate(checkpoints):
+        np.testing.assert_allclose(stacked[i], head_prefix_matching(weights, tokens), rtol=1e-6, atol=1e-6)
+    assert float(jnp.std(stacked)) > 1e-3  # the checkpoints really differ

@@ -1,5 +1,6 @@
 """The trainer: a real Orbax trajectory, resumable after a kill, and clear errors."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -13,8 +14,8 @@ import pytest
 
 from jaxinduct.cli import main
 from jaxinduct.errors import ConfigError, CorpusError, RunDirError
-from jaxinduct.train import ScheduleConfig, checkpoint_steps, get_preset, train
-from jaxinduct.trajectory import RUN_FILE, restore_weights
+from jaxinduct.train import PRESETS, ScheduleConfig, checkpoint_steps, get_preset, train
+from jaxinduct.trajectory import RUN_FILE, committed_steps, restore_weights, writer_lock
 
 TINY_STEPS = [0, 1, 2, 4, 8, 16, 24, 40]  # tiny: 40 steps, dense every 8 until 24, then every 16
 
@@ -68,8 +69,6 @@ def test_rerunning_a_finished_run_changes_nothing(tiny_run):
 
 
 def test_a_different_run_in_the_same_directory_is_refused_untouched(tiny_run):
-    import dataclasses
-
     before = listing(tiny_run.out)
     other = dataclasses.replace(get_preset("tiny"), seed=1)
     with pytest.raises(RunDirError, match=r"already holds a different run .*differs in \['seed'\]"):
@@ -91,8 +90,6 @@ def test_unknown_preset_and_missing_or_empty_corpus(tmp_path):
         get_preset("gpt5")
     with pytest.raises(ConfigError, match="pass --corpus"):
         train(get_preset("text"), tmp_path / "out", progress=False)
-    import dataclasses
-
     config = get_preset("tiny")
     missing = dataclasses.replace(config, data=dataclasses.replace(config.data, corpus=str(tmp_path / "none.txt")))
     with pytest.raises(CorpusError, match="does not exist"):
@@ -114,6 +111,12 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "quickstart" in capsys.readouterr().out
 
 
+def test_cli_says_when_a_run_was_already_complete(tiny_run, capsys):
+    assert main(["train", "--preset", "tiny", "--out", str(tiny_run.out), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "already complete; nothing was trained" in out and "final training loss" in out
+
+
 def test_byte_level_training_on_a_text_file(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Mr and Mrs Dursley, of number four, Privet Drive, were proud to say. " * 10)
@@ -127,34 +130,97 @@ def test_byte_level_training_on_a_text_file(tmp_path, capsys):
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path):
     """SIGKILL mid-run, rerun the same command: the result equals an uninterrupted run."""
-    steps = "120"
-    command = [sys.executable, "-m", "jaxinduct", "train", "--preset", "tiny", "--steps", steps, "--no-progress"]
+    steps = 200  # after step 16 there are 13 more saves (~0.3 s each): ample time to kill mid-run
+    command = [sys.executable, "-m", "jaxinduct", "train", "--preset", "tiny", "--steps", str(steps), "--no-progress"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        # Kill once a few steps are committed but before the end (the schedule saves 24, 40, ..., 104, 120).
-        while not (killed / "16" / "commit_success.txt").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "training never committed step 16"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    committed = ocp.CheckpointManager(killed).all_steps()
-    assert 16 in committed and 120 not in committed
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        proc = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        try:
+            while not (killed / "16" / "commit_success.txt").exists():
+                assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+                assert time.monotonic() < deadline, "training never committed step 16"
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    committed = committed_steps(killed)
+    assert 16 in committed and steps not in committed
 
     resumed = subprocess.run([*command, "--out", str(killed)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed after committed step" in resumed.stdout
     assert not [name for name in listing(killed) if "tmp" in name.lower()]
 
-    import dataclasses
-
-    reference = train(dataclasses.replace(get_preset("tiny"), steps=int(steps)), tmp_path / "clean", progress=False)
-    assert ocp.CheckpointManager(killed).all_steps() == reference.steps_saved
-    for step in (reference.steps_saved[-1], 56):
+    reference = train(dataclasses.replace(get_preset("tiny"), steps=steps), tmp_path / "clean", progress=False)
+    assert committed_steps(killed) == reference.steps_saved
+    for step in (steps, 56):
         a, _ = restore_weights(killed, step)
         b, _ = restore_weights(tmp_path / "clean", step)
         for name, arr in a.arrays().items():
             np.testing.assert_array_equal(np.asarray(arr), np.asarray(getattr(b, name)), err_msg=f"{name} at step {step}")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_trains(name, tmp_path):
+    """A few steps of each shipped preset, fewer than its warm-up (a regression: that crashed)."""
+    config = dataclasses.replace(get_preset(name), steps=3, batch_size=2)
+    if name == "text":
+        (tmp_path / "corpus.txt").write_text("It was a bright cold day in April, and the clocks were striking. " * 8)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, corpus=str(tmp_path / "corpus.txt")))
+    result = train(config, tmp_path / "run", progress=False)
+    assert result.steps_saved == [0, 1, 2, 3]
+    assert np.isfinite(result.final_loss)
+
+
+def test_a_run_that_committed_nothing_can_be_replaced(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # What a crash before the first commit leaves: a run file (of another config) and nothing else.
+    (out / RUN_FILE).write_text('{"config_hash": "0123", "config": {"preset": "quickstart"}}')
+    result = train(get_preset("tiny"), out, progress=False)
+    assert result.steps_saved == TINY_STEPS
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with writer_lock(out):
+        with pytest.raises(RunDirError, match="another process is writing"):
+            train(get_preset("tiny"), out, progress=False)
+
+
+def test_moving_the_corpus_does_not_make_a_different_run(tmp_path):
+    first = tmp_path / "a" / "corpus.txt"
+    first.parent.mkdir()
+    first.write_text("the cat sat on the mat and the dog sat on the log. " * 10)
+    config = dataclasses.replace(get_preset("tiny"), steps=4)
+    with_corpus = dataclasses.replace(config, data=dataclasses.replace(config.data, corpus=str(first)))
+    train(with_corpus, tmp_path / "run", progress=False)
+    moved = tmp_path / "b" / "renamed.txt"
+    moved.parent.mkdir()
+    first.rename(moved)
+    again = dataclasses.replace(config, data=dataclasses.replace(config.data, corpus=str(moved)))
+    assert train(again, tmp_path / "run", progress=False).resumed_from == 4
+    moved.write_text("different text entirely, so a different run. " * 10)
+    with pytest.raises(RunDirError, match="different run"):
+        train(again, tmp_path / "run", progress=False)
+
+
+def test_out_inside_the_corpus_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("some notes to learn from. " * 20)
+    config = get_preset("tiny")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, corpus=str(tmp_path)))
+    with pytest.raises(RunDirError, match="inside the corpus folder"):
+        train(config, tmp_path / "run", progress=False)
+
+
+def test_restore_takes_relative_paths_and_never_creates_directories(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_run.out.parent)
+    weights, meta = restore_weights(tiny_run.out.name, 8)
+    assert meta["step"] == 8 and weights.spec == get_preset("tiny").model
+    with pytest.raises(RunDirError, match="does not exist"):
+        restore_weights(tmp_path / "nothing" / "here", 3)
+    assert not (tmp_path / "nothing").exists()
+    with pytest.raises(RunDirError, match=r"has no committed step 9; committed steps: \[0, 1, 2"):
+        restore_weights(tiny_run.out, 9)
