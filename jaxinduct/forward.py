@@ -34,6 +34,13 @@ from jaxinduct.weights import LAYER_FIELDS, Activation, ModelSpec, NormKind, Pos
 _einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 
+# One layer's slice of the per-layer Weights leaves (None where the architecture lacks one).
+LayerParams = dict[str, Array | None]
+Residual = Float[Array, "seq d_model"]
+Pattern = Float[Array, "head seq kv_seq"]
+HeadMask = Float[Array, " head"]
+
+
 class ForwardOutput(NamedTuple):
     logits: Float[Array, "seq d_vocab"]
     # The attention pattern each head used (the frozen one where patterns were frozen).
@@ -100,13 +107,8 @@ def _check_shapes(spec: ModelSpec, tokens: Array, head_mask: Array | None, froze
 
 
 def _block(
-    spec: ModelSpec,
-    p: dict[str, Array | None],
-    x: Float[Array, "seq d_model"],
-    qk_offset: Float[Array, "seq d_model"] | None,
-    mask: Float[Array, " head"] | None,
-    frozen: Float[Array, "head seq kv_seq"] | None,
-) -> tuple[Float[Array, "seq d_model"], Float[Array, "head seq kv_seq"]]:
+    spec: ModelSpec, p: LayerParams, x: Residual, qk_offset: Residual | None, mask: HeadMask | None, frozen: Pattern | None
+) -> tuple[Residual, Pattern]:
     attn_in = _norm(spec, x, p["ln1_w"], p["ln1_b"])
     attn_out, pattern = _attention(spec, p, attn_in, qk_offset, mask, frozen)
     if spec.attn_only:
@@ -118,13 +120,8 @@ def _block(
 
 
 def _attention(
-    spec: ModelSpec,
-    p: dict[str, Array | None],
-    x: Float[Array, "seq d_model"],
-    qk_offset: Float[Array, "seq d_model"] | None,
-    mask: Float[Array, " head"] | None,
-    frozen: Float[Array, "head seq kv_seq"] | None,
-) -> tuple[Float[Array, "seq d_model"], Float[Array, "head seq kv_seq"]]:
+    spec: ModelSpec, p: LayerParams, x: Residual, qk_offset: Residual | None, mask: HeadMask | None, frozen: Pattern | None
+) -> tuple[Residual, Pattern]:
     qk_in = x if qk_offset is None else x + qk_offset
     q = _einsum("sd,hde->she", qk_in, p["W_Q"]) + p["b_Q"]
     k = _einsum("sd,hde->she", qk_in, p["W_K"]) + p["b_K"]
@@ -156,7 +153,7 @@ def _rotary(spec: ModelSpec, x: Float[Array, "seq head d_head"]) -> Float[Array,
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
-def _mlp(spec: ModelSpec, p: dict[str, Array | None], x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_model"]:
+def _mlp(spec: ModelSpec, p: LayerParams, x: Residual) -> Residual:
     hidden = _einsum("sd,dm->sm", x, p["W_in"]) + p["b_in"]
     return _einsum("sm,md->sd", activation_fn(spec.activation)(hidden), p["W_out"]) + p["b_out"]
 
@@ -170,9 +167,7 @@ def activation_fn(activation: Activation) -> Callable[[Array], Array]:
     }[activation]
 
 
-def _norm(
-    spec: ModelSpec, x: Float[Array, "seq d_model"], w: Array | None, b: Array | None
-) -> Float[Array, "seq d_model"]:
+def _norm(spec: ModelSpec, x: Residual, w: Array | None, b: Array | None) -> Residual:
     if spec.norm == NormKind.NONE:
         return x
     if spec.norm == NormKind.LAYERNORM:
