@@ -1,0 +1,138 @@
+"""Mechanistic (weights-only) scores of one head or one head pair (SCORES.md).
+
+Circuits are products of low-rank factors, held as (left [d_model, d_head],
+right [d_head, d_model]) pairs: W_OV = W_V W_O and W_QK = W_Q W_K^T. No
+d_vocab x d_vocab (or d_model x d_model) matrix is ever formed:
+
+- non-zero eigenvalues of a cyclic product equal those of the product taken from
+  another starting factor (eig(AB) = eig(BA) up to zeros), so every spectrum is
+  computed from a d_head x d_head matrix;
+- Frobenius norms reduce to traces of d_head x d_head Gram matrices:
+  |L R|_F^2 = tr(L^T L R R^T).
+
+Run these on processed weights (`jaxinduct.processing.process_weights`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Complex, Float
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mm(*factors: Array) -> Array:
+    out = factors[0]
+    for f in factors[1:]:
+        out = jnp.matmul(out, f, precision=_HIGHEST)
+    return out
+
+
+def eigenvalues(matrix: Float[Array, "n n"]) -> Complex[Array, " n"]:
+    """Eigenvalues of a small non-symmetric matrix, on any backend.
+
+    CPU and GPU lower jnp.linalg.eigvals; TPU has no lowering, so there the
+    (d_head x d_head) matrix goes to the host and numpy computes the spectrum.
+    """
+    if jax.default_backend() != "tpu":
+        return jnp.linalg.eigvals(matrix)
+    dtype = jnp.result_type(matrix.dtype, jnp.complex64)
+    out = jax.ShapeDtypeStruct(matrix.shape[:-1], dtype)
+    return jax.pure_callback(
+        lambda m: np.linalg.eigvals(np.asarray(m)).astype(dtype), out, matrix, vmap_method="broadcast_all"
+    )
+
+
+def positivity(eigs: Complex[Array, " n"]) -> Float[Array, ""]:
+    """sum Re(lambda) / sum |lambda|, in [-1, 1]; NaN for an all-zero spectrum."""
+    total = jnp.sum(jnp.abs(eigs))
+    return jnp.where(total > 0, jnp.sum(eigs.real) / jnp.where(total > 0, total, 1.0), jnp.nan)
+
+
+def ov_copying(
+    W_E: Float[Array, "d_vocab d_model"],
+    W_V: Float[Array, "d_model d_head"],
+    W_O: Float[Array, "d_head d_model"],
+    W_U: Float[Array, "d_model d_vocab"],
+) -> Float[Array, ""]:
+    """Positivity of the eigenvalues of the full OV circuit W_E W_V W_O W_U.
+
+    Computed from the d_head x d_head cyclic product W_O W_U W_E W_V. A head whose
+    OV circuit maps each token to itself (copying) scores 1; its negation -1.
+    """
+    return positivity(eigenvalues(_mm(W_O, _mm(W_U, W_E), W_V)))
+
+
+def product_frobenius(
+    left1: Float[Array, "d_model r1"],
+    right1: Float[Array, "r1 d_model"],
+    left2: Float[Array, "d_model r2"],
+    right2: Float[Array, "r2 d_model"],
+) -> Float[Array, ""]:
+    """|left1 right1 left2 right2|_F from r x r Gram matrices."""
+    middle = _mm(right1, left2)  # [r1, r2]
+    gram_left = _mm(left1.T, left1)  # [r1, r1]
+    gram_right = _mm(right2, right2.T)  # [r2, r2]
+    squared = jnp.trace(_mm(gram_left, middle, gram_right, middle.T))
+    return jnp.sqrt(jnp.maximum(squared, 0.0))
+
+
+def factored_frobenius(left: Float[Array, "d_model r"], right: Float[Array, "r d_model"]) -> Float[Array, ""]:
+    """|left right|_F = sqrt(tr(left^T left right right^T))."""
+    squared = jnp.sum(_mm(left.T, left) * _mm(right, right.T))
+    return jnp.sqrt(jnp.maximum(squared, 0.0))
+
+
+def composition_score(
+    left1: Float[Array, "d_model r1"],
+    right1: Float[Array, "r1 d_model"],
+    left2: Float[Array, "d_model r2"],
+    right2: Float[Array, "r2 d_model"],
+) -> Float[Array, ""]:
+    """|A B|_F / (|A|_F |B|_F) for A = left1 right1 (an earlier head's OV) and B = left2 right2."""
+    return product_frobenius(left1, right1, left2, right2) / (
+        factored_frobenius(left1, right1) * factored_frobenius(left2, right2)
+    )
+
+
+def q_composition(W_V1, W_O1, W_Q2, W_K2) -> Float[Array, ""]:
+    """How much head 1's output feeds head 2's queries: W_OV1 against W_QK2."""
+    return composition_score(W_V1, W_O1, W_Q2, W_K2.T)
+
+
+def k_composition(W_V1, W_O1, W_Q2, W_K2) -> Float[Array, ""]:
+    """How much head 1's output feeds head 2's keys: W_OV1 against W_QK2^T."""
+    return composition_score(W_V1, W_O1, W_K2, W_Q2.T)
+
+
+def v_composition(W_V1, W_O1, W_V2, W_O2) -> Float[Array, ""]:
+    """How much head 1's output feeds head 2's values: W_OV1 against W_OV2."""
+    return composition_score(W_V1, W_O1, W_V2, W_O2)
+
+
+def induction_qk_matrix(
+    W_E: Float[Array, "d_vocab d_model"],
+    W_V1: Float[Array, "d_model d_head"],
+    W_O1: Float[Array, "d_head d_model"],
+    W_Q2: Float[Array, "d_model d_head"],
+    W_K2: Float[Array, "d_model d_head"],
+) -> Float[Array, "d_head d_head"]:
+    """The d_head x d_head cyclic form of W = W_E W_QK2 (W_E W_OV1)^T.
+
+    W compares the query's token (through W_E W_Q2) with the token that head 1 moved
+    into the key's position (W_E W_OV1, then W_K2). Its non-zero eigenvalues are those
+    of K2^T O1^T V1^T (W_E^T W_E) Q2.
+    """
+    return _mm(W_K2.T, W_O1.T, W_V1.T, _mm(W_E.T, W_E), W_Q2)
+
+
+def induction_qk_positivity(W_E, W_V1, W_O1, W_Q2, W_K2) -> Float[Array, ""]:
+    """Positivity of W's eigenvalues: near 1 when head 2 attends to keys whose previous token matches its query."""
+    return positivity(eigenvalues(induction_qk_matrix(W_E, W_V1, W_O1, W_Q2, W_K2)))
+
+
+def induction_qk_trace(W_E, W_V1, W_O1, W_Q2, W_K2) -> Float[Array, ""]:
+    """Trace of W, the sum of its eigenvalues (Olsson's QK eigenvalue trace); unnormalised."""
+    return jnp.trace(induction_qk_matrix(W_E, W_V1, W_O1, W_Q2, W_K2))
