@@ -101,3 +101,24 @@ def test_stacked_scores_equal_a_loop_over_checkpoints():
     for i, weights in enumerate(checkpoints):
         np.testing.assert_allclose(stacked[i], head_prefix_matching(weights, tokens), rtol=1e-6, atol=1e-6)
     assert float(jnp.std(stacked)) > 1e-3  # the checkpoints really differ
+
+
+def test_duplicate_token_and_previous_token_of_hand_built_heads():
+    from jaxinduct.scores.empirical import duplicate_token, previous_token
+
+    tokens = probe()
+    seq = len(tokens)
+    to_previous_copy = one_hot_pattern(np.array([q - R if q > R else 0 for q in range(seq)]), seq)
+    one_back = one_hot_pattern(np.maximum(np.arange(seq) - 1, 0), seq)
+    induction = one_hot_pattern(np.array([q - R + 1 if q > R else 0 for q in range(seq)]), seq)
+    t = jnp.asarray(tokens)
+    assert float(duplicate_token(jnp.asarray(to_previous_copy), t)) == pytest.approx(1.0)
+    assert float(duplicate_token(jnp.asarray(induction), t)) == 0.0
+    assert float(duplicate_token(jnp.asarray(one_back), t)) == 0.0
+    assert float(previous_token(jnp.asarray(one_back))) == pytest.approx(1.0)
+    # Of the 20 queries q >= 1 only q = 1 attends one back (to BOS, where early queries park).
+    assert float(previous_token(jnp.asarray(to_previous_copy))) == pytest.approx(1 / 20)
+    # Half the queries attend one back: query q >= 1 attends to q - 1 iff q is even.
+    half = one_hot_pattern(np.array([q - 1 if q % 2 == 0 and q > 0 else q for q in range(seq)]), seq)
+    expected = np.mean([1.0 if q % 2 == 0 else 0.0 for q in range(1, seq)])
+    assert float(previous_token(jnp.asarray(half))) == pytest.approx(expected)
