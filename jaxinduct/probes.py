@@ -5,6 +5,10 @@ A probe is plain host data (numpy), identical for every checkpoint of a scan.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
 import numpy as np
 from jaxtyping import Int
 
@@ -41,3 +45,58 @@ def repeated_random_tokens(
         return body.astype(np.int32)
     bos = np.full((n_examples, 1), bos_token_id)
     return np.concatenate([bos, body], axis=1).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """Everything that determines a scan's probe sequences; its hash identifies results."""
+
+    n_examples: int = 32
+    block_len: int = 25
+    n_repeats: int = 4
+    seed: int = 0
+    token_range: tuple[int, int] | None = None  # explicit [low, high) id pool; None: all but BOS
+
+    def config_hash(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Probes:
+    """Materialised probes (host arrays), fixed for a whole scan."""
+
+    config: ProbeConfig
+    repeated: Int[np.ndarray, "example seq"]  # [BOS] + R * n_repeats
+    random: Int[np.ndarray, "example seq"]  # [BOS] + distinct random tokens, no repeats
+
+
+def make_probes(spec: ModelSpec, config: ProbeConfig = ProbeConfig()) -> Probes:
+    """The probes of ``config`` for a model of ``spec``, with clear errors when they cannot fit."""
+    if config.token_range is None:
+        pool = default_token_pool(spec)
+    else:
+        low, high = config.token_range
+        if not 0 <= low < high <= spec.d_vocab:
+            raise SpecError(f"token_range {config.token_range} is not a range inside [0, {spec.d_vocab})")
+        pool = np.array([t for t in range(low, high) if t != spec.bos_token_id])
+    length = config.block_len * config.n_repeats + (spec.bos_token_id is not None)
+    if length > spec.n_ctx:
+        raise SpecError(
+            f"the repeated-token probe has {length} tokens but the model's context is {spec.n_ctx}; "
+            "use a smaller block_len or n_repeats"
+        )
+    repeated = repeated_random_tokens(
+        pool,
+        n_examples=config.n_examples,
+        block_len=config.block_len,
+        n_repeats=config.n_repeats,
+        bos_token_id=spec.bos_token_id,
+        seed=config.seed,
+    )
+    # As long as the repeated probe (or the pool, if smaller), each token at most once.
+    distinct = min(len(np.unique(pool)), config.block_len * config.n_repeats)
+    random = repeated_random_tokens(
+        pool, n_examples=config.n_examples, block_len=distinct, n_repeats=1, bos_token_id=spec.bos_token_id, seed=config.seed + 1
+    )
+    return Probes(config=config, repeated=repeated, random=random)

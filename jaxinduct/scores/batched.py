@@ -4,28 +4,43 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxinduct.forward import forward
+from jaxinduct.probes import Probes
+from jaxinduct.processing import process_weights
 from jaxinduct.scores.compat import DetectionPattern, ErrorMeasure, detection_pattern, pattern_similarity
-from jaxinduct.scores.empirical import prefix_matching
-from jaxinduct.scores.mechanistic import composition_score
+from jaxinduct.scores.empirical import duplicate_token, prefix_matching, previous_token
+from jaxinduct.scores.mechanistic import (
+    composition_score,
+    induction_qk_positivity,
+    induction_qk_trace,
+    k_composition,
+    ov_copying,
+    q_composition,
+    v_composition,
+)
 from jaxinduct.weights import Weights
 
-# prefix_matching over heads (axis 0 of the pattern), then layers, then examples.
-_per_head = jax.vmap(prefix_matching, in_axes=(0, None))
-_per_layer = jax.vmap(_per_head, in_axes=(0, None))
-_per_example = jax.vmap(_per_layer, in_axes=(0, 0))
+def _patterns(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array, "example layer head seq kv_seq"]:
+    return jax.vmap(lambda t: forward(weights, t, return_patterns=True).patterns)(tokens)
 
 
-def _checkpoint_prefix_matching(weights: Weights, tokens: Int[Array, "batch seq"]) -> Float[Array, "layer head"]:
-    patterns = jax.vmap(lambda t: forward(weights, t, return_patterns=True).patterns)(tokens)
+def _over_examples_layers_heads(kernel: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Array]:
+    """kernel(pattern [seq, kv_seq], tokens [seq]) -> scores [example, layer, head]."""
+    per_head = jax.vmap(kernel, in_axes=(0, None))
+    per_layer = jax.vmap(per_head, in_axes=(0, None))
+    return jax.vmap(per_layer, in_axes=(0, 0))
+
+
+def _checkpoint_prefix_matching(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array, "layer head"]:
     # Mean of per-example means: equal to the mean over all queries when every example has
     # the same number of repeated tokens, as every repeated-random-token probe does.
-    return _per_example(patterns, tokens).mean(axis=0)
+    return _over_examples_layers_heads(prefix_matching)(_patterns(weights, tokens), tokens).mean(axis=0)
 
 
 head_prefix_matching = jax.jit(_checkpoint_prefix_matching)
@@ -91,3 +106,82 @@ def all_composition_scores(weights: Weights, mode: str) -> Float[Array, "layer h
     n_layers = weights.spec.n_layers
     earlier = jnp.arange(n_layers)[:, None, None, None] < jnp.arange(n_layers)[None, None, :, None]
     return jnp.where(earlier, scores, 0.0)
+
+
+# --- every score of every head of many checkpoints: the entry point ---------------------------
+
+
+class ScoreResults(NamedTuple):
+    """Scores by public name (docs/scores.md), for every checkpoint of a stack.
+
+    head: [ckpt, layer, head]; pair: [ckpt, src_layer, src_head, dst_layer, dst_head],
+    NaN unless src_layer < dst_layer; model: [ckpt] (none yet).
+    """
+
+    head: dict[str, Float[Array, "ckpt layer head"]]
+    pair: dict[str, Float[Array, "ckpt layer head layer head"]]
+    model: dict[str, Float[Array, " ckpt"]]
+
+
+def _empirical_head_scores(
+    weights: Weights, repeated: Int[Array, "example seq"], random: Int[Array, "example seq"]
+) -> dict[str, Array]:
+    repeated_patterns = _patterns(weights, repeated)
+    previous = jax.vmap(jax.vmap(jax.vmap(previous_token)))  # over examples, layers, heads
+    return {
+        "prefix_matching": _over_examples_layers_heads(prefix_matching)(repeated_patterns, repeated).mean(axis=0),
+        "duplicate_token": _over_examples_layers_heads(duplicate_token)(repeated_patterns, repeated).mean(axis=0),
+        "previous_token": previous(_patterns(weights, random)).mean(axis=0),
+    }
+
+
+def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str, Array]]:
+    W_E = processed.W_E
+    per_head = jax.vmap(jax.vmap(ov_copying, in_axes=(None, 0, 0, None)), in_axes=(None, 0, 0, None))
+    ov = (processed.W_V, processed.W_O)
+    qk = (processed.W_Q, processed.W_K)
+    pairs = {
+        "q_composition": _all_pairs(q_composition, ov, qk),
+        "k_composition": _all_pairs(k_composition, ov, qk),
+        "v_composition": _all_pairs(v_composition, ov, ov),
+        "induction_qk_positivity": _all_pairs(functools.partial(induction_qk_positivity, W_E), ov, qk),
+        "induction_qk_trace": _all_pairs(functools.partial(induction_qk_trace, W_E), ov, qk),
+    }
+    n_layers = processed.spec.n_layers
+    earlier = jnp.arange(n_layers)[:, None, None, None] < jnp.arange(n_layers)[None, None, :, None]
+    pairs = {name: jnp.where(earlier, value, jnp.nan) for name, value in pairs.items()}
+    return {"ov_copying": per_head(W_E, processed.W_V, processed.W_O, processed.W_U)}, pairs
+
+
+def _weighted_over_sources(pair: Array, source_weight: Float[Array, "layer head"]) -> Float[Array, "layer head"]:
+    """Per destination head: the mean of a pair score over earlier heads, weighted by source_weight."""
+    valid = ~jnp.isnan(pair)
+    weight = jnp.where(valid, source_weight[:, :, None, None], 0.0)
+    total = weight.sum(axis=(0, 1))
+    weighted = jnp.where(valid, pair, 0.0) * weight
+    return jnp.where(total > 0, weighted.sum(axis=(0, 1)) / jnp.where(total > 0, total, 1.0), jnp.nan)
+
+
+def _checkpoint_scores(
+    weights: Weights, repeated: Int[Array, "example seq"], random: Int[Array, "example seq"]
+) -> ScoreResults:
+    head = _empirical_head_scores(weights, repeated, random)
+    mechanistic_head, pair = _mechanistic_scores(process_weights(weights))
+    head.update(mechanistic_head)
+    # Olsson's per-head induction QK terms: pairs weighted by how previous-token-like the source is.
+    for name in ("induction_qk_positivity", "induction_qk_trace"):
+        head[name] = _weighted_over_sources(pair[name], head["previous_token"])
+    return ScoreResults(head=head, pair=pair, model={})
+
+
+_score_all = jax.jit(jax.vmap(_checkpoint_scores, in_axes=(0, None, None)))
+
+
+def score_all(weights: Weights, probes: Probes) -> ScoreResults:
+    """Every implemented score for every head (and head pair) of ckpt-stacked Weights, in one pass.
+
+    ``weights`` carries a leading ckpt axis (`stack_weights`); it may be sharded over
+    devices along that axis, and the result is sharded the same way. Compiled once per
+    (model spec, number of checkpoints, probe shapes, sharding).
+    """
+    return _score_all(weights, jnp.asarray(probes.repeated), jnp.asarray(probes.random))
