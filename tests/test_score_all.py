@@ -127,3 +127,13 @@ def test_probe_config_identifies_its_probes():
     short = ModelSpec(d_vocab=40, d_model=16, n_layers=1, n_heads=1, d_head=16, n_ctx=64, bos_token_id=0)
     with pytest.raises(Exception, match="probe has 101 tokens but the model's context is 64"):
         make_probes(short)
+
+
+def test_chunked_passes_equal_one_vmapped_pass(eight_checkpoints):
+    probes = make_probes(SPEC, ProbeConfig(n_examples=3))
+    stacked = stack_weights(eight_checkpoints)
+    whole = score_all(stacked, probes)
+    for per_pass in (1, 3):  # 3 does not divide 8: the remainder is its own pass
+        assert_same_results(score_all(stacked, probes, checkpoints_per_pass=per_pass), whole, 1e-6)
+    with pytest.raises(ValueError, match="positive integer"):
+        score_all(stacked, probes, checkpoints_per_pass=0)

@@ -174,14 +174,28 @@ def _checkpoint_scores(
     return ScoreResults(head=head, pair=pair, model={})
 
 
-_score_all = jax.jit(jax.vmap(_checkpoint_scores, in_axes=(0, None, None)))
+@functools.partial(jax.jit, static_argnames=("checkpoints_per_pass",))
+def _score_all(weights: Weights, repeated: Array, random: Array, checkpoints_per_pass: int | None) -> ScoreResults:
+    def one(w: Weights) -> ScoreResults:
+        return _checkpoint_scores(w, repeated, random)
+
+    if checkpoints_per_pass is None:
+        return jax.vmap(one)(weights)
+    # vmap within chunks, scan across them: the working set is that of one chunk.
+    return jax.lax.map(one, weights, batch_size=checkpoints_per_pass)
 
 
-def score_all(weights: Weights, probes: Probes) -> ScoreResults:
+def score_all(weights: Weights, probes: Probes, *, checkpoints_per_pass: int | None = None) -> ScoreResults:
     """Every implemented score for every head (and head pair) of ckpt-stacked Weights, in one pass.
 
     ``weights`` carries a leading ckpt axis (`stack_weights`); it may be sharded over
     devices along that axis, and the result is sharded the same way. Compiled once per
-    (model spec, number of checkpoints, probe shapes, sharding).
+    (model spec, number of checkpoints, probe shapes, sharding, checkpoints_per_pass).
+
+    checkpoints_per_pass: None vmaps all checkpoints at once (every intermediate of every
+    checkpoint is live together; best on accelerators with memory to spare); k computes
+    k at a time inside the same compiled pass, bounding memory to k checkpoints' worth.
     """
-    return _score_all(weights, jnp.asarray(probes.repeated), jnp.asarray(probes.random))
+    if checkpoints_per_pass is not None and checkpoints_per_pass < 1:
+        raise ValueError(f"checkpoints_per_pass must be a positive integer or None, got {checkpoints_per_pass}")
+    return _score_all(weights, jnp.asarray(probes.repeated), jnp.asarray(probes.random), checkpoints_per_pass)

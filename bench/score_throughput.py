@@ -1,0 +1,91 @@
+"""Head-scores per second: the batched entry point vs. a per-checkpoint loop of the same kernels.
+
+Both sides compute every score `score_all` computes, on the same 64 checkpoints of the
+quickstart model and the same probes, measured side by side in one run after a
+warm-up call each (compile time is reported separately). The loop jit-compiles the
+single-checkpoint function once and calls it per checkpoint, as a user without
+jaxinduct's batching would.
+
+Usage:
+  python bench/score_throughput.py                      # 64 random checkpoints of the quickstart spec
+  python bench/score_throughput.py --trajectory runs/quickstart   # its steps, cycled to 64
+Options: --checkpoints N (default 64), --examples N (probe sequences, default 32), --repeats N,
+--per-pass K [K ...] (score_all's checkpoints_per_pass values to time besides all-at-once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxinduct.probes import ProbeConfig, make_probes  # noqa: E402
+from jaxinduct.scores.batched import _checkpoint_scores, score_all  # noqa: E402
+from jaxinduct.train import get_preset  # noqa: E402
+from jaxinduct.trajectory import committed_steps, restore_weights  # noqa: E402
+from jaxinduct.weights import init_random_weights, stack_weights  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trajectory", help="a jaxinduct trajectory directory (default: random weights)")
+    parser.add_argument("--checkpoints", type=int, default=64)
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (best is reported)")
+    parser.add_argument("--per-pass", type=int, nargs="*", default=[8, 2], help="checkpoints_per_pass values to time")
+    args = parser.parse_args()
+
+    if args.trajectory:
+        steps = committed_steps(args.trajectory)
+        picked = [steps[i % len(steps)] for i in range(args.checkpoints)]
+        checkpoints = [restore_weights(args.trajectory, s)[0] for s in picked]
+        source = f"{args.trajectory} ({len(steps)} steps, cycled)"
+    else:
+        spec = get_preset("quickstart").model
+        checkpoints = [init_random_weights(spec, seed) for seed in range(args.checkpoints)]
+        source = "random weights of the quickstart spec"
+    spec = checkpoints[0].spec
+    probes = make_probes(spec, ProbeConfig(n_examples=args.examples))
+    stacked = stack_weights(checkpoints)
+    repeated, random = jnp.asarray(probes.repeated), jnp.asarray(probes.random)
+    one = jax.jit(_checkpoint_scores)
+
+    sides = {
+        f"score_all, all {args.checkpoints} at once": lambda: score_all(stacked, probes),
+        **{
+            f"score_all, {k} per pass": (lambda k=k: score_all(stacked, probes, checkpoints_per_pass=k))
+            for k in args.per_pass
+        },
+        "per-checkpoint loop": lambda: [one(w, repeated, random) for w in checkpoints],
+    }
+    first = {name: _timed(fn) for name, fn in sides.items()}  # compile + run
+    best = {name: min(_timed(fn) for _ in range(args.repeats)) for name, fn in sides.items()}
+
+    results = score_all(stacked, probes)
+    n_head_metrics = len(results.head)
+    head_scores = args.checkpoints * spec.n_layers * spec.n_heads * n_head_metrics
+    print(f"{args.checkpoints} checkpoints of {source}: {spec.n_layers} layers x {spec.n_heads} heads, "
+          f"{n_head_metrics} head metrics + {len(results.pair)} pair metrics, "
+          f"{args.examples} probe sequences, {jax.device_count()} {jax.default_backend()} device(s)")  # fmt: skip
+    print(f"{'':30s}{'seconds':>9s}{'head-scores/s':>15s}{'ckpts/s':>9s}{'vs loop':>9s}{'first call (s)':>16s}")
+    loop_seconds = best["per-checkpoint loop"]
+    for name, seconds in best.items():
+        print(f"{name:30s}{seconds:9.3f}{head_scores / seconds:15.0f}{args.checkpoints / seconds:9.1f}"
+              f"{loop_seconds / seconds:8.2f}x{first[name]:16.1f}")  # fmt: skip
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
