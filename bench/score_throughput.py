@@ -16,6 +16,7 @@ Options: --checkpoints N (default 64), --examples N (probe sequences, default 32
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -54,7 +55,7 @@ def main() -> None:
     probes = make_probes(spec, ProbeConfig(n_examples=args.examples))
     stacked = stack_weights(checkpoints)
     repeated, random = jnp.asarray(probes.repeated), jnp.asarray(probes.random)
-    one = jax.jit(_checkpoint_scores)
+    one = jax.jit(functools.partial(_checkpoint_scores, config=probes.config))
 
     sides = {
         f"score_all, all {args.checkpoints} at once": lambda: score_all(stacked, probes),

@@ -56,9 +56,12 @@ class ProbeConfig:
     n_repeats: int = 4
     seed: int = 0
     token_range: tuple[int, int] | None = None  # explicit [low, high) id pool; None: all but BOS
+    icl_late: int = 500  # icl_score = loss at this context index minus loss at icl_early
+    icl_early: int = 50
 
-    def config_hash(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    def config_hash(self, dataset_digest: str | None = None) -> str:
+        """Identity of the probes: this config, plus the dataset's content when one is used."""
+        text = json.dumps({**dataclasses.asdict(self), "dataset": dataset_digest}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -69,10 +72,23 @@ class Probes:
     config: ProbeConfig
     repeated: Int[np.ndarray, "example seq"]  # [BOS] + R * n_repeats
     random: Int[np.ndarray, "example seq"]  # [BOS] + distinct random tokens, no repeats
+    dataset: Int[np.ndarray, "example seq"] | None = None  # fixed-length text examples, if any
+
+    def config_hash(self) -> str:
+        digest = None if self.dataset is None else hashlib.sha256(np.ascontiguousarray(self.dataset).tobytes()).hexdigest()
+        return self.config.config_hash(digest)
 
 
-def make_probes(spec: ModelSpec, config: ProbeConfig = ProbeConfig()) -> Probes:
-    """The probes of ``config`` for a model of ``spec``, with clear errors when they cannot fit."""
+def make_probes(
+    spec: ModelSpec, config: ProbeConfig = ProbeConfig(), *, dataset: np.ndarray | None = None
+) -> Probes:
+    """The probes of ``config`` for a model of ``spec``, with clear errors when they cannot fit.
+
+    dataset: token ids [example, seq] of fixed-length text examples, for the dataset
+    scores (icl_score, per_token_loss); the same examples serve every checkpoint.
+    """
+    if dataset is not None:
+        dataset = _check_dataset(spec, config, np.asarray(dataset))
     if config.token_range is None:
         pool = default_token_pool(spec)
     else:
@@ -99,4 +115,21 @@ def make_probes(spec: ModelSpec, config: ProbeConfig = ProbeConfig()) -> Probes:
     random = repeated_random_tokens(
         pool, n_examples=config.n_examples, block_len=distinct, n_repeats=1, bos_token_id=spec.bos_token_id, seed=config.seed + 1
     )
-    return Probes(config=config, repeated=repeated, random=random)
+    return Probes(config=config, repeated=repeated, random=random, dataset=dataset)
+
+
+def _check_dataset(spec: ModelSpec, config: ProbeConfig, dataset: np.ndarray) -> np.ndarray:
+    if dataset.ndim != 2 or not np.issubdtype(dataset.dtype, np.integer):
+        raise SpecError(f"the dataset must be integer token ids [example, seq]; got {dataset.dtype} of shape {dataset.shape}")
+    if dataset.size and (dataset.min() < 0 or dataset.max() >= spec.d_vocab):
+        raise SpecError(f"the dataset has token ids outside the model's vocabulary [0, {spec.d_vocab})")
+    length = dataset.shape[1]
+    if not 1 <= config.icl_early < config.icl_late < length:
+        raise SpecError(
+            f"icl_score compares the loss at context indices {config.icl_late} and {config.icl_early}, but the "
+            f"dataset's examples have {length} tokens (indices 0..{length - 1}); use longer examples or smaller "
+            "icl indices (icl_early >= 1, icl_early < icl_late < example length)"
+        )
+    if spec.has_pos_embed and length > spec.n_ctx:
+        raise SpecError(f"the dataset's examples have {length} tokens but the model's context is {spec.n_ctx}")
+    return dataset.astype(np.int32)

@@ -7,8 +7,11 @@ into the slot; layer 1's head matches its query token against that slot (K-compo
 and copies the token it lands on (an identity OV circuit). Nothing is trained.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -89,7 +92,7 @@ def eight_checkpoints():
 
 
 def assert_same_results(a, b, tol):
-    for group in ("head", "pair", "model"):
+    for group in ("head", "pair", "model", "curve"):
         x, y = getattr(a, group), getattr(b, group)
         assert sorted(x) == sorted(y)
         for name in x:
@@ -99,7 +102,7 @@ def assert_same_results(a, b, tol):
 def test_batched_equals_a_loop_over_checkpoints(eight_checkpoints):
     probes = make_probes(SPEC, ProbeConfig(n_examples=3))
     batched = score_all(stack_weights(eight_checkpoints), probes)
-    one = jax.jit(_checkpoint_scores)
+    one = jax.jit(functools.partial(_checkpoint_scores, config=probes.config))
     looped = [one(w, jnp.asarray(probes.repeated), jnp.asarray(probes.random)) for w in eight_checkpoints]
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *looped)
     assert_same_results(batched, stacked, 1e-6)
@@ -137,3 +140,44 @@ def test_chunked_passes_equal_one_vmapped_pass(eight_checkpoints):
         assert_same_results(score_all(stacked, probes, checkpoints_per_pass=per_pass), whole, 1e-6)
     with pytest.raises(ValueError, match="positive integer"):
         score_all(stacked, probes, checkpoints_per_pass=0)
+
+
+def test_model_scores_equal_losses_from_the_reference_model(eight_checkpoints):
+    from flax import nnx
+
+    from jaxinduct.model import model_from_weights
+
+    rng = np.random.default_rng(3)
+    dataset = rng.integers(1, SPEC.d_vocab, size=(4, 60))
+    config = ProbeConfig(n_examples=3, icl_late=40, icl_early=5)
+    probes = make_probes(SPEC, config, dataset=dataset)
+    results = score_all(stack_weights(eight_checkpoints[:2]), probes)
+    for i, weights in enumerate(eight_checkpoints[:2]):
+        apply = nnx.jit(lambda model, tokens: model(tokens))
+        model = model_from_weights(weights)
+
+        def losses(tokens):  # [example, seq - 1]: loss of token j + 1 given tokens[: j + 1]
+            logits = apply(model, jnp.asarray(tokens))[:, :-1]
+            return np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(tokens)[:, 1:]))
+
+        # Repeated probe: [BOS] + 4 x 25 tokens; the second half of the body starts at token 51.
+        expected_induction = losses(probes.repeated)[:, 50:].mean()
+        np.testing.assert_allclose(results.model["induction_loss"][i], expected_induction, rtol=1e-5)
+        curve = losses(dataset).mean(axis=0)  # curve[j] is the loss at context index j + 1
+        np.testing.assert_allclose(results.curve["per_token_loss"][i, 1:], curve, rtol=1e-5)
+        assert np.isnan(results.curve["per_token_loss"][i, 0])
+        np.testing.assert_allclose(results.model["icl_score"][i], curve[39] - curve[4], rtol=1e-4, atol=1e-6)
+
+
+def test_dataset_problems_get_clear_errors():
+    from jaxinduct.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"context indices 500 and 50, but the dataset's examples have 100 tokens"):
+        make_probes(SPEC, ProbeConfig(n_examples=2), dataset=np.ones((3, 100), np.int32))
+    with pytest.raises(SpecError, match="outside the model's vocabulary"):
+        make_probes(SPEC, ProbeConfig(n_examples=2, icl_late=20, icl_early=5), dataset=np.full((3, 30), 40))
+    with pytest.raises(SpecError, match="integer token ids"):
+        make_probes(SPEC, ProbeConfig(n_examples=2, icl_late=20, icl_early=5), dataset=np.ones((3, 30), np.float32))
+    plain = make_probes(SPEC, ProbeConfig(n_examples=2, icl_late=20, icl_early=5))
+    text = make_probes(SPEC, ProbeConfig(n_examples=2, icl_late=20, icl_early=5), dataset=np.ones((3, 30), np.int32))
+    assert plain.config_hash() != text.config_hash()  # the dataset is part of the probes' identity

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxinduct.forward import forward
-from jaxinduct.probes import Probes
+from jaxinduct.forward import ForwardOutput, forward
+from jaxinduct.probes import ProbeConfig, Probes
 from jaxinduct.processing import process_weights
 from jaxinduct.scores.compat import DetectionPattern, ErrorMeasure, detection_pattern, pattern_similarity
 from jaxinduct.scores.empirical import duplicate_token, prefix_matching, previous_token
@@ -26,8 +26,13 @@ from jaxinduct.scores.mechanistic import (
 )
 from jaxinduct.weights import Weights
 
+def _forward_batch(weights: Weights, tokens: Int[Array, "example seq"]) -> ForwardOutput:
+    """Logits [example, seq, d_vocab] and patterns [example, layer, head, seq, kv_seq]."""
+    return jax.vmap(lambda t: forward(weights, t, return_patterns=True))(tokens)
+
+
 def _patterns(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array, "example layer head seq kv_seq"]:
-    return jax.vmap(lambda t: forward(weights, t, return_patterns=True).patterns)(tokens)
+    return _forward_batch(weights, tokens).patterns
 
 
 def _over_examples_layers_heads(kernel: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Array]:
@@ -115,24 +120,46 @@ class ScoreResults(NamedTuple):
     """Scores by public name (docs/scores.md), for every checkpoint of a stack.
 
     head: [ckpt, layer, head]; pair: [ckpt, src_layer, src_head, dst_layer, dst_head],
-    NaN unless src_layer < dst_layer; model: [ckpt] (none yet).
+    NaN unless src_layer < dst_layer; model: [ckpt]; curve: [ckpt, seq].
     """
 
     head: dict[str, Float[Array, "ckpt layer head"]]
     pair: dict[str, Float[Array, "ckpt layer head layer head"]]
     model: dict[str, Float[Array, " ckpt"]]
+    curve: dict[str, Float[Array, "ckpt seq"]]  # per_token_loss by context index (NaN at 0)
 
 
 def _empirical_head_scores(
-    weights: Weights, repeated: Int[Array, "example seq"], random: Int[Array, "example seq"]
+    repeated_patterns: Array, repeated: Int[Array, "example seq"], random_patterns: Array
 ) -> dict[str, Array]:
-    repeated_patterns = _patterns(weights, repeated)
     previous = jax.vmap(jax.vmap(jax.vmap(previous_token)))  # over examples, layers, heads
     return {
         "prefix_matching": _over_examples_layers_heads(prefix_matching)(repeated_patterns, repeated).mean(axis=0),
         "duplicate_token": _over_examples_layers_heads(duplicate_token)(repeated_patterns, repeated).mean(axis=0),
-        "previous_token": previous(_patterns(weights, random)).mean(axis=0),
+        "previous_token": previous(random_patterns).mean(axis=0),
     }
+
+
+def token_losses(logits: Float[Array, "example seq d_vocab"], tokens: Int[Array, "example seq"]) -> Float[Array, "example seq"]:
+    """Cross-entropy of token i given tokens[:i], at index i; index 0 (nothing to condition on) is NaN."""
+    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(nll, ((0, 0), (1, 0)), constant_values=jnp.nan)
+
+
+def _model_scores(
+    weights: Weights, repeated_logits: Array, repeated: Array, dataset: Array | None, config: ProbeConfig
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    # induction_loss: the second half of the repeated body, which an induction head predicts.
+    body = config.block_len * config.n_repeats
+    second_half = repeated.shape[1] - body + body // 2
+    model = {"induction_loss": token_losses(repeated_logits, repeated)[:, second_half:].mean()}
+    curve: dict[str, Array] = {}
+    if dataset is not None:
+        logits = jax.vmap(lambda t: forward(weights, t).logits)(dataset)
+        curve["per_token_loss"] = token_losses(logits, dataset).mean(axis=0)
+        model["icl_score"] = curve["per_token_loss"][config.icl_late] - curve["per_token_loss"][config.icl_early]
+    return model, curve
 
 
 def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str, Array]]:
@@ -163,21 +190,34 @@ def _weighted_over_sources(pair: Array, source_weight: Float[Array, "layer head"
 
 
 def _checkpoint_scores(
-    weights: Weights, repeated: Int[Array, "example seq"], random: Int[Array, "example seq"]
+    weights: Weights,
+    repeated: Int[Array, "example seq"],
+    random: Int[Array, "example seq"],
+    dataset: Int[Array, "example seq"] | None = None,
+    config: ProbeConfig = ProbeConfig(),
 ) -> ScoreResults:
-    head = _empirical_head_scores(weights, repeated, random)
+    on_repeated = _forward_batch(weights, repeated)
+    head = _empirical_head_scores(on_repeated.patterns, repeated, _forward_batch(weights, random).patterns)
     mechanistic_head, pair = _mechanistic_scores(process_weights(weights))
     head.update(mechanistic_head)
     # Olsson's per-head induction QK terms: pairs weighted by how previous-token-like the source is.
     for name in ("induction_qk_positivity", "induction_qk_trace"):
         head[name] = _weighted_over_sources(pair[name], head["previous_token"])
-    return ScoreResults(head=head, pair=pair, model={})
+    model, curve = _model_scores(weights, on_repeated.logits, repeated, dataset, config)
+    return ScoreResults(head=head, pair=pair, model=model, curve=curve)
 
 
-@functools.partial(jax.jit, static_argnames=("checkpoints_per_pass",))
-def _score_all(weights: Weights, repeated: Array, random: Array, checkpoints_per_pass: int | None) -> ScoreResults:
+@functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass"))
+def _score_all(
+    weights: Weights,
+    repeated: Array,
+    random: Array,
+    dataset: Array | None,
+    config: ProbeConfig,
+    checkpoints_per_pass: int | None,
+) -> ScoreResults:
     def one(w: Weights) -> ScoreResults:
-        return _checkpoint_scores(w, repeated, random)
+        return _checkpoint_scores(w, repeated, random, dataset, config)
 
     if checkpoints_per_pass is None:
         return jax.vmap(one)(weights)
@@ -198,4 +238,7 @@ def score_all(weights: Weights, probes: Probes, *, checkpoints_per_pass: int | N
     """
     if checkpoints_per_pass is not None and checkpoints_per_pass < 1:
         raise ValueError(f"checkpoints_per_pass must be a positive integer or None, got {checkpoints_per_pass}")
-    return _score_all(weights, jnp.asarray(probes.repeated), jnp.asarray(probes.random), checkpoints_per_pass)
+    dataset = None if probes.dataset is None else jnp.asarray(probes.dataset)
+    return _score_all(
+        weights, jnp.asarray(probes.repeated), jnp.asarray(probes.random), dataset, probes.config, checkpoints_per_pass
+    )
