@@ -10,7 +10,9 @@ Usage:
   python bench/score_throughput.py                      # 64 random checkpoints of the quickstart spec
   python bench/score_throughput.py --trajectory runs/quickstart   # its steps, cycled to 64
 Options: --checkpoints N (default 64), --examples N (probe sequences, default 32), --repeats N,
---per-pass K [K ...] (score_all's checkpoints_per_pass values to time besides all-at-once).
+--per-pass K [K ...] (score_all's checkpoints_per_pass values to time besides all-at-once),
+--dataset-examples N (also the dataset scores: icl_score, per_token_loss and every head's
+ablation, on N sequences of the quickstart corpus; icl indices 100 and 10).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxinduct.probes import ProbeConfig, make_probes  # noqa: E402
-from jaxinduct.scores.batched import _checkpoint_scores, score_all  # noqa: E402
+from jaxinduct.data import TiledBlocks  # noqa: E402
+from jaxinduct.scores.batched import ProbeArrays, _checkpoint_scores, score_all  # noqa: E402
 from jaxinduct.train import get_preset  # noqa: E402
 from jaxinduct.trajectory import committed_steps, restore_weights  # noqa: E402
 from jaxinduct.weights import init_random_weights, stack_weights  # noqa: E402
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (best is reported)")
     parser.add_argument("--per-pass", type=int, nargs="*", default=[8, 2], help="checkpoints_per_pass values to time")
+    parser.add_argument("--dataset-examples", type=int, default=0, help="add the dataset scores (0: probes only)")
     args = parser.parse_args()
 
     if args.trajectory:
@@ -52,9 +55,17 @@ def main() -> None:
         checkpoints = [init_random_weights(spec, seed) for seed in range(args.checkpoints)]
         source = "random weights of the quickstart spec"
     spec = checkpoints[0].spec
-    probes = make_probes(spec, ProbeConfig(n_examples=args.examples))
+    dataset = None
+    if args.dataset_examples:
+        corpus = TiledBlocks(
+            d_vocab=spec.d_vocab, seq_len=spec.n_ctx, batch_size=args.dataset_examples,
+            min_block=spec.n_ctx // 8, max_block=spec.n_ctx // 2, seed=1234, bos_token_id=spec.bos_token_id or 0,
+        )  # fmt: skip
+        dataset = np.asarray(corpus.batch(0))
+    config = ProbeConfig(n_examples=args.examples, icl_late=100, icl_early=10)
+    probes = make_probes(spec, config, dataset=dataset)
     stacked = stack_weights(checkpoints)
-    repeated, random = jnp.asarray(probes.repeated), jnp.asarray(probes.random)
+    arrays = ProbeArrays.from_probes(probes)
     one = jax.jit(functools.partial(_checkpoint_scores, config=probes.config))
 
     sides = {
@@ -63,7 +74,7 @@ def main() -> None:
             f"score_all, {k} per pass": (lambda k=k: score_all(stacked, probes, checkpoints_per_pass=k))
             for k in args.per_pass
         },
-        "per-checkpoint loop": lambda: [one(w, repeated, random) for w in checkpoints],
+        "per-checkpoint loop": lambda: [one(w, arrays) for w in checkpoints],
     }
     first = {name: _timed(fn) for name, fn in sides.items()}  # compile + run
     best = {name: min(_timed(fn) for _ in range(args.repeats)) for name, fn in sides.items()}
@@ -73,7 +84,8 @@ def main() -> None:
     head_scores = args.checkpoints * spec.n_layers * spec.n_heads * n_head_metrics
     print(f"{args.checkpoints} checkpoints of {source}: {spec.n_layers} layers x {spec.n_heads} heads, "
           f"{n_head_metrics} head metrics + {len(results.pair)} pair metrics, "
-          f"{args.examples} probe sequences, {jax.device_count()} {jax.default_backend()} device(s)")  # fmt: skip
+          f"{args.examples} probe sequences, {args.dataset_examples} dataset sequences, "
+          f"{jax.device_count()} {jax.default_backend()} device(s)")  # fmt: skip
     print(f"{'':30s}{'seconds':>9s}{'head-scores/s':>15s}{'ckpts/s':>9s}{'vs loop':>9s}{'first call (s)':>16s}")
     loop_seconds = best["per-checkpoint loop"]
     for name, seconds in best.items():

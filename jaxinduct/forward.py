@@ -44,7 +44,12 @@ HeadMask = Float[Array, " head"]
 class ForwardOutput(NamedTuple):
     logits: Float[Array, "seq d_vocab"]
     # The attention pattern each head used (the frozen one where patterns were frozen).
-    patterns: Float[Array, "layer head seq kv_seq"] | None
+    patterns: Float[Array, "layer head seq kv_seq"] | None = None
+    # Each head's write into the residual stream (z W_O, without the layer's b_O).
+    head_outputs: Float[Array, "layer head seq d_model"] | None = None
+    # The final norm's normalising factor per position, 1 / sqrt(var + eps) (1 without a
+    # norm): with it, a component's direct effect on the logits is linear in its output.
+    final_scale: Float[Array, " seq"] | None = None
 
 
 def forward(
@@ -54,6 +59,7 @@ def forward(
     head_mask: Float[Array, "layer head"] | None = None,
     frozen_patterns: Float[Array, "layer head seq kv_seq"] | None = None,
     return_patterns: bool = False,
+    return_head_outputs: bool = False,
 ) -> ForwardOutput:
     """Logits (and optionally every layer's attention patterns) for one sequence.
 
@@ -62,6 +68,8 @@ def forward(
     frozen_patterns: if given, every head uses these patterns instead of computing
         its own (pattern-preserving ablation: run clean, then ablate with the
         clean patterns frozen).
+    return_head_outputs: also return every head's output and the final norm's scale,
+        for direct-logit-attribution scores (empirical copying).
     """
     spec = weights.spec
     _check_shapes(spec, tokens, head_mask, frozen_patterns)
@@ -83,13 +91,14 @@ def forward(
 
     def step(x, per_layer):
         params, mask, frozen = per_layer
-        x, pattern = _block(spec, params, x, qk_offset, mask, frozen)
-        return x, (pattern if return_patterns else None)
+        x, pattern, head_out = _block(spec, params, x, qk_offset, mask, frozen, return_head_outputs)
+        return x, (pattern if return_patterns else None, head_out)
 
-    residual, patterns = jax.lax.scan(step, residual, (layers, head_mask, frozen_patterns))
+    residual, (patterns, head_outputs) = jax.lax.scan(step, residual, (layers, head_mask, frozen_patterns))
     final = _norm(spec, residual, weights.ln_final_w, weights.ln_final_b)
     logits = _einsum("sd,dv->sv", final, weights.W_U) + weights.b_U
-    return ForwardOutput(logits=logits, patterns=patterns)
+    final_scale = _norm_scale(spec, residual) if return_head_outputs else None
+    return ForwardOutput(logits=logits, patterns=patterns, head_outputs=head_outputs, final_scale=final_scale)
 
 
 def _check_shapes(spec: ModelSpec, tokens: Array, head_mask: Array | None, frozen: Array | None) -> None:
@@ -106,22 +115,37 @@ def _check_shapes(spec: ModelSpec, tokens: Array, head_mask: Array | None, froze
         raise SpecError(f"frozen_patterns has shape {frozen.shape}, expected [layer, head, seq, kv_seq] = {expected}")
 
 
+HeadOutputs = Float[Array, "head seq d_model"]
+
+
 def _block(
-    spec: ModelSpec, p: LayerParams, x: Residual, qk_offset: Residual | None, mask: HeadMask | None, frozen: Pattern | None
-) -> tuple[Residual, Pattern]:
+    spec: ModelSpec,
+    p: LayerParams,
+    x: Residual,
+    qk_offset: Residual | None,
+    mask: HeadMask | None,
+    frozen: Pattern | None,
+    per_head: bool,
+) -> tuple[Residual, Pattern, HeadOutputs | None]:
     attn_in = _norm(spec, x, p["ln1_w"], p["ln1_b"])
-    attn_out, pattern = _attention(spec, p, attn_in, qk_offset, mask, frozen)
+    attn_out, pattern, head_out = _attention(spec, p, attn_in, qk_offset, mask, frozen, per_head)
     if spec.attn_only:
-        return x + attn_out, pattern
+        return x + attn_out, pattern, head_out
     if spec.parallel_attn_mlp:
-        return x + attn_out + _mlp(spec, p, _norm(spec, x, p["ln2_w"], p["ln2_b"])), pattern
+        return x + attn_out + _mlp(spec, p, _norm(spec, x, p["ln2_w"], p["ln2_b"])), pattern, head_out
     x = x + attn_out
-    return x + _mlp(spec, p, _norm(spec, x, p["ln2_w"], p["ln2_b"])), pattern
+    return x + _mlp(spec, p, _norm(spec, x, p["ln2_w"], p["ln2_b"])), pattern, head_out
 
 
 def _attention(
-    spec: ModelSpec, p: LayerParams, x: Residual, qk_offset: Residual | None, mask: HeadMask | None, frozen: Pattern | None
-) -> tuple[Residual, Pattern]:
+    spec: ModelSpec,
+    p: LayerParams,
+    x: Residual,
+    qk_offset: Residual | None,
+    mask: HeadMask | None,
+    frozen: Pattern | None,
+    per_head: bool,
+) -> tuple[Residual, Pattern, HeadOutputs | None]:
     qk_in = x if qk_offset is None else x + qk_offset
     q = _einsum("sd,hde->she", qk_in, p["W_Q"]) + p["b_Q"]
     k = _einsum("sd,hde->she", qk_in, p["W_K"]) + p["b_K"]
@@ -138,7 +162,10 @@ def _attention(
     z = _einsum("hsk,khe->she", pattern, v)
     if mask is not None:
         z = z * mask.astype(z.dtype)[None, :, None]
-    return _einsum("she,hed->sd", z, p["W_O"]) + p["b_O"], pattern
+    if not per_head:
+        return _einsum("she,hed->sd", z, p["W_O"]) + p["b_O"], pattern, None
+    head_out = _einsum("she,hed->hsd", z, p["W_O"])
+    return head_out.sum(axis=0) + p["b_O"], pattern, head_out
 
 
 def _rotary(spec: ModelSpec, x: Float[Array, "seq head d_head"]) -> Float[Array, "seq head d_head"]:
@@ -165,6 +192,15 @@ def activation_fn(activation: Activation) -> Callable[[Array], Array]:
         Activation.RELU: jax.nn.relu,
         Activation.SILU: jax.nn.silu,
     }[activation]
+
+
+def _norm_scale(spec: ModelSpec, x: Residual) -> Float[Array, " seq"]:
+    """The factor a norm divides each position by (1 without a norm)."""
+    if spec.norm == NormKind.NONE:
+        return jnp.ones(x.shape[:1], x.dtype)
+    if spec.norm == NormKind.LAYERNORM:
+        x = x - x.mean(-1, keepdims=True)
+    return jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + spec.norm_eps)[:, 0]
 
 
 def _norm(spec: ModelSpec, x: Residual, w: Array | None, b: Array | None) -> Residual:

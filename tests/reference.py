@@ -58,8 +58,12 @@ def _rotate_pair(vec, pos, rotary_dim, base):
     return vec
 
 
-def reference_forward(weights: Weights, tokens, *, head_mask=None, frozen_patterns=None):
-    """Returns (logits [seq, d_vocab], patterns [layer, head, seq, seq]) in float64."""
+def reference_forward(weights: Weights, tokens, *, head_mask=None, frozen_patterns=None, internals=None):
+    """Returns (logits [seq, d_vocab], patterns [layer, head, seq, seq]) in float64.
+
+    internals: a dict to fill with "head_outputs" [layer, head, seq, d_model] (each head's
+    write, without b_O) and "final_residual" [seq, d_model] (the input of the final norm).
+    """
     spec = weights.spec
     tokens = np.asarray(tokens)
     seq = len(tokens)
@@ -70,6 +74,7 @@ def reference_forward(weights: Weights, tokens, *, head_mask=None, frozen_patter
     if pos == "learned":
         x += w["W_pos"][:seq]
     patterns = np.zeros((spec.n_layers, spec.n_heads, seq, seq))
+    head_outputs = np.zeros((spec.n_layers, spec.n_heads, seq, spec.d_model))
     for layer in range(spec.n_layers):
 
         def get(name):
@@ -94,7 +99,8 @@ def reference_forward(weights: Weights, tokens, *, head_mask=None, frozen_patter
                 pattern = np.asarray(frozen_patterns, dtype=np.float64)[layer, head]
             patterns[layer, head] = pattern
             scale = 1.0 if head_mask is None else float(np.asarray(head_mask)[layer, head])
-            attn_out += scale * (pattern @ v) @ w["W_O"][layer, head]
+            head_outputs[layer, head] = scale * (pattern @ v) @ w["W_O"][layer, head]
+            attn_out += head_outputs[layer, head]
         if spec.d_mlp is None:
             x = x + attn_out
             continue
@@ -108,5 +114,7 @@ def reference_forward(weights: Weights, tokens, *, head_mask=None, frozen_patter
         else:
             x = x + attn_out
             x = x + mlp(_norm(norm, spec.norm_eps, x, get("ln2_w"), get("ln2_b")))
+    if internals is not None:
+        internals.update(head_outputs=head_outputs, final_residual=x.copy())
     x = _norm(norm, spec.norm_eps, x, w.get("ln_final_w"), w.get("ln_final_b"))
     return x @ w["W_U"] + w["b_U"], patterns

@@ -37,7 +37,7 @@ VARIANTS = [
 SEQ = 9
 
 # Jitted once per (spec, shapes): eager calls would re-trace the layer scan every time.
-forward = jax.jit(forward, static_argnames=("return_patterns",))
+forward = jax.jit(forward, static_argnames=("return_patterns", "return_head_outputs"))
 
 
 def make_spec(pos, rotary_dim, norm, block, index=0):
@@ -115,6 +115,24 @@ def test_rotary_matches_the_hugging_face_gpt_neox_formulation():
         expected = np.exp(scores - scores.max(-1, keepdims=True))
         expected /= expected.sum(-1, keepdims=True)
         np.testing.assert_allclose(patterns[head], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b[0])
+def test_head_outputs_and_final_scale_match_the_reference(norm, block):
+    spec = make_spec("learned", None, norm, block)
+    weights = init_random_weights(spec, 5)
+    tokens = tokens_for(spec, seed=5, batch=1)[0]
+    out = forward(weights, tokens, return_head_outputs=True)
+    internals = {}
+    reference_forward(weights, tokens, internals=internals)
+    np.testing.assert_allclose(out.head_outputs, internals["head_outputs"], rtol=1e-5, atol=1e-6)
+    x = internals["final_residual"]
+    if norm == "layernorm":
+        x = x - x.mean(axis=-1, keepdims=True)
+    expected_scale = np.ones(len(x)) if norm == "none" else 1 / np.sqrt((x**2).mean(axis=-1) + spec.norm_eps)
+    np.testing.assert_allclose(out.final_scale, expected_scale, rtol=1e-5)
+    assert out.patterns is None  # only what was asked for
 
 
 def test_patterns_are_causal_rows_summing_to_one():

@@ -113,3 +113,63 @@ def test_kernels_vmap_over_heads(head_weights):
 
 def test_positivity_of_an_all_zero_spectrum_is_nan():
     assert np.isnan(float(mech.positivity(jnp.zeros(3, jnp.complex64))))
+
+
+def dense_causal_softmax(scores):
+    """Row softmax over keys k <= row index (float64)."""
+    out = np.zeros_like(scores)
+    for i in range(len(scores)):
+        e = np.exp(scores[i, : i + 1] - scores[i, : i + 1].max())
+        out[i, : i + 1] = e / e.sum()
+    return out
+
+
+N_CTX = 11
+
+
+def test_qk_prev_token_equals_the_dense_positional_pattern():
+    rng = np.random.default_rng(1)
+    W_pos, W_Q, W_K = rand(rng, N_CTX, D_MODEL), rand(rng, D_MODEL, D_HEAD), rand(rng, D_MODEL, D_HEAD)
+    P, Q, K = f64(W_pos, W_Q, W_K)
+    pattern = dense_causal_softmax(P @ Q @ K.T @ P.T / np.sqrt(D_HEAD))
+    expected = np.mean([pattern[i, i - 1] for i in range(1, N_CTX)])
+    np.testing.assert_allclose(mech.qk_prev_token(W_pos, W_Q, W_K), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pointer_arithmetic_equals_the_dense_definition(head_weights):
+    w = head_weights
+    rng = np.random.default_rng(2)
+    W_pos = rand(rng, N_CTX, D_MODEL)
+    P, V1, O1, Q2, K2 = f64(W_pos, w["W_V1"], w["W_O1"], w["W_Q2"], w["W_K2"])
+    S = P @ (V1 @ O1) @ (Q2 @ K2.T) @ P.T / np.sqrt(D_HEAD)  # [n_ctx, n_ctx] with the d_model x d_model circuits
+    entries = []
+    for j in range(N_CTX - 1):
+        row = S[j, : j + 2]
+        e = np.exp(row - row.max())
+        entries.append(e[j + 1] / e.sum())
+    got = mech.pointer_arithmetic(W_pos, w["W_V1"], w["W_O1"], w["W_Q2"], w["W_K2"])
+    np.testing.assert_allclose(got, np.mean(entries), rtol=1e-5, atol=1e-6)
+
+
+def test_hand_built_positional_heads():
+    eye = np.eye(N_CTX, dtype=np.float32)  # W_pos: one-hot positions, d_model = d_head = n_ctx
+    sharp = np.float32(30.0 * np.sqrt(N_CTX))
+    previous = np.zeros((N_CTX, N_CTX), np.float32)
+    previous[np.arange(1, N_CTX), np.arange(N_CTX - 1)] = sharp  # position i asks for i - 1
+    assert float(mech.qk_prev_token(eye, previous, eye)) == pytest.approx(1.0, abs=1e-6)
+    assert float(mech.qk_prev_token(eye, eye * sharp, eye)) == pytest.approx(0.0, abs=1e-6)  # attends to itself
+    # Head 1 copies positions (identity OV); head 2's query asks for one position further on.
+    forward_one = np.zeros((N_CTX, N_CTX), np.float32)
+    forward_one[np.arange(N_CTX - 1), np.arange(1, N_CTX)] = sharp
+    assert float(mech.pointer_arithmetic(eye, eye, eye, forward_one, eye)) == pytest.approx(1.0, abs=1e-6)
+    assert float(mech.pointer_arithmetic(eye, eye, eye, eye * sharp, eye)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_host_eigenvalues_equal_device_eigenvalues(head_weights):
+    # The TPU path (a host callback) run on CPU: same spectrum, also under jit and vmap.
+    w = head_weights
+    matrices = jnp.stack([mech.induction_qk_matrix(w["W_E"], w["W_V1"], w["W_O1"], w["W_Q2"], w["W_K2"])] * 3)
+    on_device = jax.vmap(jnp.linalg.eigvals)(matrices)
+    on_host = jax.jit(jax.vmap(lambda m: mech.eigenvalues(m, on_host=True)))(matrices)
+    key = lambda e: np.sort_complex(np.asarray(e))  # noqa: E731
+    np.testing.assert_allclose(key(on_host), key(on_device), rtol=1e-4, atol=1e-4)

@@ -17,8 +17,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinduct.probes import ProbeConfig, make_probes
-from jaxinduct.scores.batched import _checkpoint_scores, score_all
+from jaxinduct.scores.batched import ProbeArrays, _checkpoint_scores, score_all
 from jaxinduct.weights import ModelSpec, init_random_weights, make_weights, stack_weights
+from tests.reference import reference_forward
 
 V, N_CTX = 30, 101  # vocabulary (BOS = 0) and context; the standard probe is 101 tokens
 TOK, POS, PREV = 0, V, V + N_CTX  # offsets of the three residual blocks
@@ -66,11 +67,17 @@ def circuit_scores():
 
 def test_hand_built_induction_circuit_scores_as_an_induction_head(circuit_scores):
     head = {name: np.asarray(v)[0] for name, v in circuit_scores.head.items()}
-    assert head["previous_token"][0, 0] > 0.99  # layer 0: a previous-token head
+    assert head["previous_token"][0, 0] > 0.99  # layer 0: a previous-token head ...
+    assert head["qk_prev_token"][0, 0] > 0.99  # ... through its positional QK circuit
     assert head["prefix_matching"][1, 0] > 0.9
+    assert head["copying"][1, 0] > 0.9
     assert head["ov_copying"][1, 0] > 0.9
     assert head["induction_qk_positivity"][1, 0] > 0.9
+    assert head["induction_behaviour"][1, 0] == 1 and head["induction_mechanism"][1, 0] == 1
+    assert head["induction_verdicts_agree"][1, 0] == 1
+    assert abs(head["prefix2_sensitivity"][1, 0]) < 0.05  # it matches one token back only
     assert head["prefix_matching"][0, 0] < 0.1  # the previous-token head is no induction head
+    assert head["induction_behaviour"][0, 0] == 0 and head["induction_mechanism"][0, 0] == 0
     # K-composition of two identity-like rank-V circuits is 1/sqrt(V) (|I_V|_F = sqrt(V)).
     pair_k = np.asarray(circuit_scores.pair["k_composition"])[0]
     assert pair_k[0, 0, 1, 0] == pytest.approx(1 / np.sqrt(V), rel=1e-5)
@@ -80,7 +87,9 @@ def test_hand_built_induction_circuit_scores_as_an_induction_head(circuit_scores
 def test_negated_ov_circuit_scores_as_anti_copying(circuit_scores):
     head = {name: np.asarray(v)[1] for name, v in circuit_scores.head.items()}
     assert head["ov_copying"][1, 0] < -0.9
+    assert head["copying"][1, 0] < -0.9
     assert head["prefix_matching"][1, 0] > 0.9  # where it attends is unchanged
+    assert head["induction_behaviour"][1, 0] == 0 and head["induction_mechanism"][1, 0] == 0
 
 
 SPEC = ModelSpec(d_vocab=40, d_model=16, n_layers=2, n_heads=2, d_head=8, n_ctx=101, d_mlp=32, bos_token_id=0)
@@ -91,19 +100,32 @@ def eight_checkpoints():
     return [init_random_weights(SPEC, seed) for seed in range(8)]
 
 
+ScoreResultsGroups = ("head", "pair", "model", "curve", "head_curve")
+
+
 def assert_same_results(a, b, tol):
-    for group in ("head", "pair", "model", "curve"):
+    # Ablation deltas are differences of losses of a few nats: their float32 rounding is that
+    # of the losses subtracted, so they are compared at tol relative to those losses.
+    loss_scale = float(np.nanmax(np.asarray(a.curve["per_token_loss"]))) if "per_token_loss" in a.curve else 1.0
+    for group in ScoreResultsGroups:
         x, y = getattr(a, group), getattr(b, group)
         assert sorted(x) == sorted(y)
         for name in x:
-            np.testing.assert_allclose(np.asarray(x[name]), np.asarray(y[name]), rtol=tol, atol=tol, err_msg=name)
+            atol = tol * loss_scale if name.startswith("ablation_") else tol
+            np.testing.assert_allclose(np.asarray(x[name]), np.asarray(y[name]), rtol=tol, atol=atol, err_msg=name)
+
+
+def probes_with_dataset(seed=3):
+    """Small probes with a text-like dataset, so that every score (ablation included) is computed."""
+    dataset = np.random.default_rng(seed).integers(1, SPEC.d_vocab, size=(3, 40))
+    return make_probes(SPEC, ProbeConfig(n_examples=3, icl_late=30, icl_early=5), dataset=dataset)
 
 
 def test_batched_equals_a_loop_over_checkpoints(eight_checkpoints):
-    probes = make_probes(SPEC, ProbeConfig(n_examples=3))
+    probes = probes_with_dataset()
     batched = score_all(stack_weights(eight_checkpoints), probes)
     one = jax.jit(functools.partial(_checkpoint_scores, config=probes.config))
-    looped = [one(w, jnp.asarray(probes.repeated), jnp.asarray(probes.random)) for w in eight_checkpoints]
+    looped = [one(w, ProbeArrays.from_probes(probes)) for w in eight_checkpoints]
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *looped)
     assert_same_results(batched, stacked, 1e-6)
     assert batched.head["prefix_matching"].shape == (8, 2, 2)
@@ -113,7 +135,7 @@ def test_batched_equals_a_loop_over_checkpoints(eight_checkpoints):
 def test_sharded_over_eight_devices_equals_unsharded(eight_checkpoints):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (conftest sets 8 CPU devices)")
-    probes = make_probes(SPEC, ProbeConfig(n_examples=3))
+    probes = probes_with_dataset()
     stacked = stack_weights(eight_checkpoints)
     mesh = Mesh(np.array(jax.devices()[:8]), ("ckpt",))
     sharded = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("ckpt")))
@@ -179,5 +201,228 @@ def test_dataset_problems_get_clear_errors():
     with pytest.raises(SpecError, match="integer token ids"):
         make_probes(SPEC, ProbeConfig(n_examples=2, icl_late=20, icl_early=5), dataset=np.ones((3, 30), np.float32))
     plain = make_probes(SPEC, ProbeConfig(n_examples=2, icl_late=20, icl_early=5))
-    text = make_probes(SPEC, ProbeConfig(n_examples=2, icl_late=20, icl_early=5), dataset=np.ones((3, 30), np.int32))
+    dataset = np.random.default_rng(0).integers(1, SPEC.d_vocab, size=(3, 30))
+    text = make_probes(SPEC, ProbeConfig(n_examples=2, icl_late=20, icl_early=5), dataset=dataset)
     assert plain.config_hash() != text.config_hash()  # the dataset is part of the probes' identity
+
+
+# --- prefix2_sensitivity: a head that matches two tokens back --------------------------------
+
+PREV2 = PREV + V  # a fourth residual block: the token two positions back
+D_MODEL2 = PREV2 + V
+
+
+def two_token_induction_circuit():
+    """Layer 0: a previous-token head and a previous-previous-token head. Layer 1: a head
+    that attends to the key whose two predecessors equal the query's token and the query's
+    predecessor (logit 2 * SHARP), else to BOS (1.5 * SHARP, above a one-token match)."""
+    spec = ModelSpec(
+        d_vocab=V, d_model=D_MODEL2, n_layers=2, n_heads=2, d_head=D_HEAD, n_ctx=N_CTX,
+        positional="learned", norm="none", bos_token_id=0,
+    )  # fmt: skip
+    z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    W_E, W_pos, W_U = z(V, D_MODEL2), z(N_CTX, D_MODEL2), z(D_MODEL2, V)
+    W_Q, W_K, W_V, W_O = (z(2, 2, D_MODEL2, D_HEAD), z(2, 2, D_MODEL2, D_HEAD), z(2, 2, D_MODEL2, D_HEAD), z(2, 2, D_HEAD, D_MODEL2))
+    b_Q = z(2, 2, D_HEAD)
+    for t in range(V):
+        W_E[t, TOK + t] = W_U[TOK + t, t] = 1.0
+        for head, slot in ((0, PREV), (1, PREV2)):  # layer 0 copies the token it attends to into a slot
+            W_V[0, head, TOK + t, t] = 1.0
+            W_O[0, head, t, slot + t] = 1.0
+        W_Q[1, 0, TOK + t, t] = SHARP  # query token against the key's previous token
+        W_K[1, 0, PREV + t, t] = 1.0
+        W_Q[1, 0, PREV + t, V + t] = SHARP  # query's previous token against the key's token two back
+        W_K[1, 0, PREV2 + t, V + t] = 1.0
+        W_V[1, 0, TOK + t, t] = 1.0
+        W_O[1, 0, t, TOK + t] = 1.0
+    b_Q[1, 0, 2 * V] = 1.5 * SHARP  # every query, against the BOS key below: the fallback
+    W_K[1, 0, TOK + 0, 2 * V] = 1.0
+    for i in range(N_CTX):
+        W_pos[i, POS + i] = 1.0
+        W_K[0, :, POS + i, i] = 1.0
+        for head, back in ((0, 1), (1, 2)):
+            if i >= back:
+                W_Q[0, head, POS + i, i - back] = SHARP
+    arrays = dict(
+        W_E=W_E, W_pos=W_pos, W_U=W_U, b_U=z(V), W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O,
+        b_Q=b_Q, b_K=z(2, 2, D_HEAD), b_V=z(2, 2, D_HEAD), b_O=z(2, D_MODEL2),
+    )  # fmt: skip
+    return make_weights(spec, {k: jnp.asarray(v) for k, v in arrays.items()})
+
+
+def test_a_head_matching_two_tokens_back_is_prefix2_sensitive():
+    weights = stack_weights([two_token_induction_circuit()])
+    head = score_all(weights, make_probes(weights.spec, ProbeConfig(n_examples=4))).head
+    assert head["previous_token"][0, 0, 0] > 0.99
+    assert head["prefix_matching"][0, 1, 0] > 0.9  # on the standard probe it is an induction head
+    assert head["prefix2_sensitivity"][0, 1, 0] > 0.8  # but it needs the previous token to match too
+
+
+def test_changed_predecessor_probe_structure():
+    probes = make_probes(SPEC, ProbeConfig(n_examples=3))
+    body, changed, queries = probes.repeated[:, 1:], probes.prefix2[:, 1:], probes.prefix2_queries[:, 1:]
+    block = body[:, :25]
+    np.testing.assert_array_equal(changed[:, :25], block)  # the first repeat is untouched
+    for repeat in range(1, 4):
+        part = changed[:, 25 * repeat : 25 * (repeat + 1)]
+        np.testing.assert_array_equal(part[:, 0::2], block[:, 0::2])  # even offsets keep their token
+        for e in range(3):
+            assert not set(part[e, 1::2]) & set(block[e])  # odd offsets: tokens outside R
+        np.testing.assert_array_equal(queries[:, 25 * repeat : 25 * (repeat + 1)][:, 2::2], True)
+    assert queries.sum() == 3 * 3 * 12 and not queries[:, :25].any()
+    for e in range(3):  # a predecessor never recurs at the same offset: per offset, distinct over repeats
+        for offset in range(1, 25, 2):
+            fresh = changed[e, [offset + 25 * r for r in range(1, 4)]]
+            assert len(set(fresh)) == 3
+
+
+# --- empirical copying against a dense computation -----------------------------------------
+
+
+def dense_copying(weights, tokens):
+    """The definition of docs/scores.md, in float64 numpy from the reference forward pass."""
+    internals = {}
+    _, patterns = reference_forward(weights, tokens, internals=internals)
+    spec = weights.spec
+    x = internals["final_residual"]
+    centred = x - x.mean(axis=-1, keepdims=True)
+    scale = 1 / np.sqrt((centred**2).mean(axis=-1) + spec.norm_eps)  # LayerNorm
+    W_U = np.asarray(weights.W_U, np.float64)
+    ln_w = np.asarray(weights.ln_final_w, np.float64)
+    scores = np.full((spec.n_layers, spec.n_heads), np.nan)
+    for layer in range(spec.n_layers):
+        for head in range(spec.n_heads):
+            ratios = []
+            for q in range(len(tokens)):
+                o = internals["head_outputs"][layer, head, q]
+                logits = ((o - o.mean()) * scale[q] * ln_w) @ W_U
+                boost = np.maximum(logits[np.asarray(tokens)] - logits.mean(), 0.0)
+                attention = patterns[layer, head, q]
+                if boost.sum() > 0:
+                    ratios.append((attention * boost).sum() / (attention.max() * boost.sum()))
+            scores[layer, head] = 2 * np.mean(ratios) - 1
+    return scores
+
+
+def test_copying_equals_a_dense_computation(eight_checkpoints):
+    probes = make_probes(SPEC, ProbeConfig(n_examples=2))
+    results = score_all(stack_weights(eight_checkpoints[:2]), probes)
+    for i in range(2):
+        expected = np.mean([dense_copying(eight_checkpoints[i], t) for t in probes.copying], axis=0)
+        np.testing.assert_allclose(results.head["copying"][i], expected, rtol=1e-4, atol=1e-5)
+
+
+# --- head ablation --------------------------------------------------------------------------
+
+
+def icl_and_curve(logits, dataset, late, early):
+    """Reference per-token loss and icl_score from float64 logits [example, seq, vocab]."""
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(log_probs[:, :-1], dataset[:, 1:, None], axis=-1)[..., 0]
+    curve = np.concatenate([[np.nan], nll.mean(axis=0)])
+    return curve[late] - curve[early], curve
+
+
+def test_ablation_equals_removing_the_head_from_the_weights(eight_checkpoints):
+    probes = probes_with_dataset()
+    weights = eight_checkpoints[0]
+    results = score_all(stack_weights([weights]), probes)
+    layer, head = 0, 1
+    removed = weights.arrays()
+    removed["W_O"] = removed["W_O"].at[layer, head].set(0.0)
+    without = score_all(stack_weights([make_weights(SPEC, removed)]), probes)
+    expected = without.model["icl_score"][0] - results.model["icl_score"][0]
+    np.testing.assert_allclose(results.head["ablation_icl_delta"][0, layer, head], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        results.head_curve["ablation_per_token_loss_delta"][0, layer, head],
+        without.curve["per_token_loss"][0] - results.curve["per_token_loss"][0],
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+
+
+def test_pattern_preserving_ablation_equals_the_reference_with_frozen_patterns(eight_checkpoints):
+    probes = probes_with_dataset()
+    weights = eight_checkpoints[1]
+    results = score_all(stack_weights([weights]), probes)
+    config, dataset = probes.config, probes.dataset
+    clean = [reference_forward(weights, t) for t in dataset]
+    clean_icl, _ = icl_and_curve(np.stack([c[0] for c in clean]), dataset, config.icl_late, config.icl_early)
+    for layer, head in [(0, 0), (1, 1)]:
+        mask = np.ones((2, 2))
+        mask[layer, head] = 0.0
+        full = np.stack([reference_forward(weights, t, head_mask=mask)[0] for t in dataset])
+        frozen = np.stack([reference_forward(weights, t, head_mask=mask, frozen_patterns=c[1])[0] for t, c in zip(dataset, clean)])
+        for name, logits in (("ablation_icl_delta", full), ("ablation_icl_delta_pattern_preserving", frozen)):
+            icl, _ = icl_and_curve(logits, dataset, config.icl_late, config.icl_early)
+            np.testing.assert_allclose(results.head[name][0, layer, head], icl - clean_icl, rtol=1e-4, atol=1e-5)
+    # A layer-0 head changes layer 1's patterns, so the two ablations differ there.
+    deltas = results.head["ablation_icl_delta"][0, 0] - results.head["ablation_icl_delta_pattern_preserving"][0, 0]
+    assert np.abs(np.asarray(deltas)).max() > 1e-4
+
+
+# --- random initialisation: the documented baselines -----------------------------------------
+
+
+def uniform_attention_baselines(random_probe_length, block=25, repeats=4):
+    """prefix_matching, duplicate_token and previous_token of a head attending evenly to
+    every key it can see, on [BOS] + R x repeats and [BOS] + distinct tokens (docs/scores.md)."""
+    prefix, duplicate = [], []
+    for k in range(2, repeats + 1):  # repeat k (1-based) has k - 1 earlier copies of each token
+        for j in range(block):
+            q = 1 + block * (k - 1) + j  # position; q + 1 keys visible
+            prefix.append((k - 1) / (q + 1))
+            duplicate.append((k - 1) / (q + 1))
+    previous = np.mean([1 / (q + 1) for q in range(1, random_probe_length)])
+    return np.mean(prefix), np.mean(duplicate), previous
+
+
+def test_a_randomly_initialised_model_scores_near_the_documented_baselines():
+    from flax import nnx
+
+    from jaxinduct.model import Transformer, model_to_weights
+    from jaxinduct.train import get_preset
+
+    spec = get_preset("quickstart").model
+    weights = model_to_weights(Transformer(spec, rngs=nnx.Rngs(0)))
+    probes = make_probes(spec, ProbeConfig(n_examples=8))
+    head = score_all(stack_weights([weights]), probes).head
+    # The random probe is [BOS] + every other id once (63 of them) on this 64-token vocabulary.
+    assert probes.random.shape[1] == 64
+    prefix, duplicate, previous = uniform_attention_baselines(random_probe_length=64)
+    np.testing.assert_allclose(head["prefix_matching"], prefix, atol=0.01)
+    np.testing.assert_allclose(head["duplicate_token"], duplicate, atol=0.01)
+    np.testing.assert_allclose(head["previous_token"], previous, atol=0.01)
+    assert np.abs(np.asarray(head["copying"])).max() < 0.25
+    assert np.abs(np.asarray(head["ov_copying"])).max() < 0.5
+    assert np.asarray(head["induction_behaviour"]).sum() == 0 and np.asarray(head["induction_mechanism"]).sum() == 0
+
+
+# --- probes ---------------------------------------------------------------------------------
+
+
+def test_dataset_token_pool_excludes_special_most_and_least_frequent_tokens():
+    from jaxinduct.probes import token_pool
+
+    # Token t (1..39) appears t times; BOS (0) appears most of all; nothing else is present.
+    dataset = np.concatenate([np.zeros(500, int)] + [np.full(t, t) for t in range(1, 40)])
+    dataset = np.resize(np.random.default_rng(0).permutation(dataset), (10, 128))[:, :78]
+    counts = np.bincount(dataset.ravel(), minlength=40)
+    present = [t for t in range(1, 40) if counts[t] > 0]
+    ranked = sorted(present, key=lambda t: (-counts[t], t))
+    config = ProbeConfig(n_examples=2, icl_late=60, icl_early=5, pool_exclude_frequent=0.1, pool_exclude_rare=0.2)
+    n = len(ranked)
+    expected = sorted(ranked[int(n * 0.1) : n - int(n * 0.2)])
+    np.testing.assert_array_equal(token_pool(SPEC, config, dataset), expected)
+    probes = make_probes(SPEC, config, dataset=dataset)
+    assert set(np.unique(probes.repeated[:, 1:])) <= set(expected)
+    with pytest.raises(Exception, match="the token pool .* has .* ids; the probes need at least 28"):
+        make_probes(SPEC, ProbeConfig(n_examples=2, icl_late=60, icl_early=5, pool_exclude_frequent=0.5, pool_exclude_rare=0.4), dataset=dataset)
+
+
+def test_previous_token_is_measured_on_the_dataset_when_one_is_given(eight_checkpoints):
+    probes = probes_with_dataset()
+    weights = eight_checkpoints[2]
+    results = score_all(stack_weights([weights]), probes)
+    patterns = np.stack([reference_forward(weights, t)[1] for t in probes.dataset])  # [example, layer, head, q, k]
+    expected = np.mean([np.diagonal(p, offset=-1, axis1=-2, axis2=-1).mean(-1) for p in patterns], axis=0)
+    np.testing.assert_allclose(results.head["previous_token"][0], expected, rtol=1e-5, atol=1e-6)

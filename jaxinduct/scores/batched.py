@@ -11,20 +11,22 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxinduct.forward import ForwardOutput, forward
-from jaxinduct.probes import ProbeConfig, Probes
+from jaxinduct.probes import ProbeConfig, Probes, VerdictThresholds
 from jaxinduct.processing import process_weights
 from jaxinduct.scores.compat import DetectionPattern, ErrorMeasure, detection_pattern, pattern_similarity
-from jaxinduct.scores.empirical import duplicate_token, prefix_matching, previous_token
+from jaxinduct.scores.empirical import copying, duplicate_token, prefix_matching, previous_token
 from jaxinduct.scores.mechanistic import (
     composition_score,
     induction_qk_positivity,
     induction_qk_trace,
     k_composition,
     ov_copying,
+    pointer_arithmetic,
     q_composition,
+    qk_prev_token,
     v_composition,
 )
-from jaxinduct.weights import Weights
+from jaxinduct.weights import NormKind, PositionalScheme, Weights
 
 def _forward_batch(weights: Weights, tokens: Int[Array, "example seq"]) -> ForwardOutput:
     """Logits [example, seq, d_vocab] and patterns [example, layer, head, seq, kv_seq]."""
@@ -120,24 +122,52 @@ class ScoreResults(NamedTuple):
     """Scores by public name (docs/scores.md), for every checkpoint of a stack.
 
     head: [ckpt, layer, head]; pair: [ckpt, src_layer, src_head, dst_layer, dst_head],
-    NaN unless src_layer < dst_layer; model: [ckpt]; curve: [ckpt, seq].
+    NaN unless src_layer < dst_layer; model: [ckpt]; curve: [ckpt, seq];
+    head_curve: [ckpt, layer, head, seq]. NaN marks a score that is undefined there.
     """
 
     head: dict[str, Float[Array, "ckpt layer head"]]
     pair: dict[str, Float[Array, "ckpt layer head layer head"]]
     model: dict[str, Float[Array, " ckpt"]]
     curve: dict[str, Float[Array, "ckpt seq"]]  # per_token_loss by context index (NaN at 0)
+    head_curve: dict[str, Float[Array, "ckpt layer head seq"]]  # per-head ablation curves
 
 
-def _empirical_head_scores(
-    repeated_patterns: Array, repeated: Int[Array, "example seq"], random_patterns: Array
-) -> dict[str, Array]:
-    previous = jax.vmap(jax.vmap(jax.vmap(previous_token)))  # over examples, layers, heads
-    return {
-        "prefix_matching": _over_examples_layers_heads(prefix_matching)(repeated_patterns, repeated).mean(axis=0),
-        "duplicate_token": _over_examples_layers_heads(duplicate_token)(repeated_patterns, repeated).mean(axis=0),
-        "previous_token": previous(random_patterns).mean(axis=0),
+def _over_heads(kernel: Callable[..., Array], *, example_axes: tuple, head_axes: tuple) -> Callable[..., Array]:
+    """kernel of one head on one example -> [example, layer, head]; axes as in jax.vmap."""
+    per_layer = jax.vmap(jax.vmap(kernel, in_axes=head_axes), in_axes=head_axes)
+    return jax.vmap(per_layer, in_axes=example_axes)
+
+
+def _previous_token(patterns: Float[Array, "example layer head seq kv_seq"]) -> Float[Array, "layer head"]:
+    return jax.vmap(jax.vmap(jax.vmap(previous_token)))(patterns).mean(axis=0)
+
+
+def _copying(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array, "layer head"]:
+    out = jax.vmap(lambda t: forward(weights, t, return_patterns=True, return_head_outputs=True))(tokens)
+    spec = weights.spec
+    final_w = weights.ln_final_w if weights.ln_final_w is not None else jnp.ones(spec.d_model, weights.W_U.dtype)
+    kernel = functools.partial(copying, centre=spec.norm == NormKind.LAYERNORM)
+    # Over (pattern, head_output) per head; final scale, norm weight, W_U and tokens shared.
+    scores = _over_heads(
+        kernel, example_axes=(0, 0, 0, None, None, 0), head_axes=(0, 0, None, None, None, None)
+    )(out.patterns, out.head_outputs, out.final_scale, final_w, weights.W_U, tokens)
+    return jnp.nanmean(scores, axis=0)
+
+
+def _empirical_head_scores(weights: Weights, probes: ProbeArrays) -> tuple[dict[str, Array], ForwardOutput]:
+    on_repeated = _forward_batch(weights, probes.repeated)
+    prefix2_patterns = _patterns(weights, probes.prefix2)
+    prefix2 = _over_heads(prefix_matching, example_axes=(0, 0, 0), head_axes=(0, None, None))(
+        prefix2_patterns, probes.prefix2, probes.prefix2_queries
+    ).mean(axis=0)
+    head = {
+        "prefix_matching": _over_examples_layers_heads(prefix_matching)(on_repeated.patterns, probes.repeated).mean(axis=0),
+        "duplicate_token": _over_examples_layers_heads(duplicate_token)(on_repeated.patterns, probes.repeated).mean(axis=0),
+        "copying": _copying(weights, probes.copying),
     }
+    head["prefix2_sensitivity"] = head["prefix_matching"] - prefix2
+    return head, on_repeated
 
 
 def token_losses(logits: Float[Array, "example seq d_vocab"], tokens: Int[Array, "example seq"]) -> Float[Array, "example seq"]:
@@ -147,22 +177,51 @@ def token_losses(logits: Float[Array, "example seq d_vocab"], tokens: Int[Array,
     return jnp.pad(nll, ((0, 0), (1, 0)), constant_values=jnp.nan)
 
 
-def _model_scores(
-    weights: Weights, repeated_logits: Array, repeated: Array, dataset: Array | None, config: ProbeConfig
-) -> tuple[dict[str, Array], dict[str, Array]]:
-    # induction_loss: the second half of the repeated body, which an induction head predicts.
+def _induction_loss(repeated_logits: Array, repeated: Array, config: ProbeConfig) -> Array:
+    # The second half of the repeated body, which an induction head predicts.
     body = config.block_len * config.n_repeats
     second_half = repeated.shape[1] - body + body // 2
-    model = {"induction_loss": token_losses(repeated_logits, repeated)[:, second_half:].mean()}
-    curve: dict[str, Array] = {}
-    if dataset is not None:
-        logits = jax.vmap(lambda t: forward(weights, t).logits)(dataset)
-        curve["per_token_loss"] = token_losses(logits, dataset).mean(axis=0)
-        model["icl_score"] = curve["per_token_loss"][config.icl_late] - curve["per_token_loss"][config.icl_early]
-    return model, curve
+    return token_losses(repeated_logits, repeated)[:, second_half:].mean()
+
+
+class _DatasetScores(NamedTuple):
+    per_token_loss: Float[Array, " seq"]
+    icl_score: Float[Array, ""]
+    previous_token: Float[Array, "layer head"]
+    head: dict[str, Array]  # ablation deltas of icl_score
+    head_curve: dict[str, Array]  # ablation deltas of per_token_loss
+
+
+def _dataset_scores(weights: Weights, dataset: Int[Array, "example seq"], config: ProbeConfig) -> _DatasetScores:
+    clean = _forward_batch(weights, dataset)
+
+    def curve_and_icl(logits):
+        curve = token_losses(logits, dataset).mean(axis=0)
+        return curve, curve[config.icl_late] - curve[config.icl_early]
+
+    curve, icl = curve_and_icl(clean.logits)
+    head: dict[str, Array] = {}
+    head_curve: dict[str, Array] = {}
+    if config.ablation:
+        spec = weights.spec
+        n_heads = spec.n_layers * spec.n_heads
+        masks = 1.0 - jnp.eye(n_heads, dtype=clean.logits.dtype).reshape(n_heads, spec.n_layers, spec.n_heads)
+
+        def ablated(mask, frozen):
+            one = lambda t, f: forward(weights, t, head_mask=mask, frozen_patterns=f).logits  # noqa: E731
+            return curve_and_icl(jax.vmap(one)(dataset, frozen))
+
+        # One layer's heads at a time (vmapped), layers in sequence: memory of n_heads forward passes.
+        for suffix, frozen in (("", None), ("_pattern_preserving", clean.patterns)):
+            curves, icls = jax.lax.map(lambda m: ablated(m, frozen), masks, batch_size=spec.n_heads)
+            shape = (spec.n_layers, spec.n_heads)
+            head["ablation_icl_delta" + suffix] = (icls - icl).reshape(shape)
+            head_curve["ablation_per_token_loss_delta" + suffix] = (curves - curve).reshape(*shape, -1)
+    return _DatasetScores(curve, icl, _previous_token(clean.patterns), head, head_curve)
 
 
 def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str, Array]]:
+    spec = processed.spec
     W_E = processed.W_E
     per_head = jax.vmap(jax.vmap(ov_copying, in_axes=(None, 0, 0, None)), in_axes=(None, 0, 0, None))
     ov = (processed.W_V, processed.W_O)
@@ -174,50 +233,125 @@ def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str,
         "induction_qk_positivity": _all_pairs(functools.partial(induction_qk_positivity, W_E), ov, qk),
         "induction_qk_trace": _all_pairs(functools.partial(induction_qk_trace, W_E), ov, qk),
     }
-    n_layers = processed.spec.n_layers
+    head = {"ov_copying": per_head(W_E, processed.W_V, processed.W_O, processed.W_U)}
+    nan_heads = jnp.full((spec.n_layers, spec.n_heads), jnp.nan, W_E.dtype)
+    if spec.positional in (PositionalScheme.LEARNED, PositionalScheme.SHORTFORMER):
+        head["qk_prev_token"] = jax.vmap(jax.vmap(qk_prev_token, in_axes=(None, 0, 0)), in_axes=(None, 0, 0))(
+            processed.W_pos, processed.W_Q, processed.W_K
+        )
+    else:
+        head["qk_prev_token"] = nan_heads
+    if spec.positional == PositionalScheme.LEARNED:
+        # S is n_ctx x n_ctx per pair: source heads one at a time bound the memory.
+        pairs["pointer_arithmetic"] = _all_pairs_sources_in_sequence(
+            functools.partial(pointer_arithmetic, processed.W_pos), ov, qk
+        )
+    else:
+        pairs["pointer_arithmetic"] = jnp.full(pairs["q_composition"].shape, jnp.nan, W_E.dtype)
+    n_layers = spec.n_layers
     earlier = jnp.arange(n_layers)[:, None, None, None] < jnp.arange(n_layers)[None, None, :, None]
     pairs = {name: jnp.where(earlier, value, jnp.nan) for name, value in pairs.items()}
-    return {"ov_copying": per_head(W_E, processed.W_V, processed.W_O, processed.W_U)}, pairs
+    return head, pairs
+
+
+def _all_pairs_sources_in_sequence(
+    score: Callable[..., Array], left: tuple[Array, Array], right: tuple[Array, Array]
+) -> Array:
+    """_all_pairs with source heads taken one at a time (lax.map), for large per-pair intermediates."""
+    n_layers, n_heads = left[0].shape[:2]
+    flat = [x.reshape(n_layers * n_heads, *x.shape[2:]) for x in left]
+    over_dst = jax.vmap(jax.vmap(score, in_axes=(None, None, 0, 0)), in_axes=(None, None, 0, 0))
+    out = jax.lax.map(lambda src: over_dst(*src, *right), tuple(flat))
+    return out.reshape(n_layers, n_heads, *out.shape[1:])
 
 
 def _weighted_over_sources(pair: Array, source_weight: Float[Array, "layer head"]) -> Float[Array, "layer head"]:
     """Per destination head: the mean of a pair score over earlier heads, weighted by source_weight."""
-    valid = ~jnp.isnan(pair)
+    valid = ~jnp.isnan(pair) & ~jnp.isnan(source_weight)[:, :, None, None]
     weight = jnp.where(valid, source_weight[:, :, None, None], 0.0)
     total = weight.sum(axis=(0, 1))
     weighted = jnp.where(valid, pair, 0.0) * weight
     return jnp.where(total > 0, weighted.sum(axis=(0, 1)) / jnp.where(total > 0, total, 1.0), jnp.nan)
 
 
-def _checkpoint_scores(
-    weights: Weights,
-    repeated: Int[Array, "example seq"],
-    random: Int[Array, "example seq"],
-    dataset: Int[Array, "example seq"] | None = None,
-    config: ProbeConfig = ProbeConfig(),
-) -> ScoreResults:
-    on_repeated = _forward_batch(weights, repeated)
-    head = _empirical_head_scores(on_repeated.patterns, repeated, _forward_batch(weights, random).patterns)
+def induction_verdicts(head: dict[str, Array], thresholds: VerdictThresholds) -> dict[str, Array]:
+    """induction_behaviour, induction_mechanism (0/1) and whether they agree, per head [layer, head].
+
+    Comparisons with NaN are false: a head whose score is undefined never passes.
+    """
+    behaviour = (head["prefix_matching"] > thresholds.prefix_matching) & (head["copying"] > thresholds.copying)
+    is_previous = head["previous_token"] > thresholds.previous_token  # [layer, head]
+    any_previous = jnp.any(is_previous, axis=1)  # [layer]
+    # An upstream previous-token head: one in a strictly earlier layer.
+    upstream = (jnp.cumsum(any_previous) - any_previous) > 0
+    mechanism = (
+        (head["ov_copying"] > thresholds.ov_copying)
+        & (head["induction_qk_positivity"] > thresholds.induction_qk)
+        & upstream[:, None]
+    )
+    as_float = lambda b: b.astype(head["prefix_matching"].dtype)  # noqa: E731
+    return {
+        "induction_behaviour": as_float(behaviour),
+        "induction_mechanism": as_float(mechanism),
+        "induction_verdicts_agree": as_float(behaviour == mechanism),
+    }
+
+
+class ProbeArrays(NamedTuple):
+    """Probes as device arrays, the traced inputs of the compiled pass."""
+
+    repeated: Int[Array, "example seq"]
+    random: Int[Array, "example seq"]
+    copying: Int[Array, "example block"]
+    prefix2: Int[Array, "example seq"]
+    prefix2_queries: Array
+    dataset: Int[Array, "example seq"] | None
+
+    @classmethod
+    def from_probes(cls, probes: Probes) -> "ProbeArrays":
+        dataset = None if probes.dataset is None else jnp.asarray(probes.dataset)
+        return cls(
+            jnp.asarray(probes.repeated),
+            jnp.asarray(probes.random),
+            jnp.asarray(probes.copying),
+            jnp.asarray(probes.prefix2),
+            jnp.asarray(probes.prefix2_queries),
+            dataset,
+        )
+
+
+def _checkpoint_scores(weights: Weights, probes: ProbeArrays, config: ProbeConfig = ProbeConfig()) -> ScoreResults:
+    """Every score of one checkpoint (written for one; batched by _score_all)."""
+    head, on_repeated = _empirical_head_scores(weights, probes)
+    model = {"induction_loss": _induction_loss(on_repeated.logits, probes.repeated, config)}
+    curve: dict[str, Array] = {}
+    head_curve: dict[str, Array] = {}
+    if probes.dataset is None:
+        head["previous_token"] = _previous_token(_patterns(weights, probes.random))
+    else:
+        text = _dataset_scores(weights, probes.dataset, config)
+        head["previous_token"] = text.previous_token
+        model["icl_score"] = text.icl_score
+        curve["per_token_loss"] = text.per_token_loss
+        head.update(text.head)
+        head_curve.update(text.head_curve)
     mechanistic_head, pair = _mechanistic_scores(process_weights(weights))
     head.update(mechanistic_head)
     # Olsson's per-head induction QK terms: pairs weighted by how previous-token-like the source is.
     for name in ("induction_qk_positivity", "induction_qk_trace"):
         head[name] = _weighted_over_sources(pair[name], head["previous_token"])
-    model, curve = _model_scores(weights, on_repeated.logits, repeated, dataset, config)
-    return ScoreResults(head=head, pair=pair, model=model, curve=curve)
+    # Pointer arithmetic reads a position copied by a head that attends to earlier copies.
+    head["pointer_arithmetic"] = _weighted_over_sources(pair["pointer_arithmetic"], head["duplicate_token"])
+    head.update(induction_verdicts(head, config.thresholds))
+    return ScoreResults(head=head, pair=pair, model=model, curve=curve, head_curve=head_curve)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass"))
 def _score_all(
-    weights: Weights,
-    repeated: Array,
-    random: Array,
-    dataset: Array | None,
-    config: ProbeConfig,
-    checkpoints_per_pass: int | None,
+    weights: Weights, probes: ProbeArrays, config: ProbeConfig, checkpoints_per_pass: int | None
 ) -> ScoreResults:
     def one(w: Weights) -> ScoreResults:
-        return _checkpoint_scores(w, repeated, random, dataset, config)
+        return _checkpoint_scores(w, probes, config)
 
     if checkpoints_per_pass is None:
         return jax.vmap(one)(weights)
@@ -226,19 +360,17 @@ def _score_all(
 
 
 def score_all(weights: Weights, probes: Probes, *, checkpoints_per_pass: int | None = None) -> ScoreResults:
-    """Every implemented score for every head (and head pair) of ckpt-stacked Weights, in one pass.
+    """Every score for every head (and head pair) of ckpt-stacked Weights, in one pass.
 
     ``weights`` carries a leading ckpt axis (`stack_weights`); it may be sharded over
     devices along that axis, and the result is sharded the same way. Compiled once per
-    (model spec, number of checkpoints, probe shapes, sharding, checkpoints_per_pass).
+    (model spec, number of checkpoints, probe shapes and config, sharding,
+    checkpoints_per_pass).
 
     checkpoints_per_pass: None vmaps all checkpoints at once (every intermediate of every
     checkpoint is live together; best on accelerators with memory to spare); k computes
     k at a time inside the same compiled pass, bounding memory to k checkpoints' worth.
     """
-    if checkpoints_per_pass is not None and checkpoints_per_pass < 1:
+    if checkpoints_per_pass is not None and (not isinstance(checkpoints_per_pass, int) or checkpoints_per_pass < 1):
         raise ValueError(f"checkpoints_per_pass must be a positive integer or None, got {checkpoints_per_pass}")
-    dataset = None if probes.dataset is None else jnp.asarray(probes.dataset)
-    return _score_all(
-        weights, jnp.asarray(probes.repeated), jnp.asarray(probes.random), dataset, probes.config, checkpoints_per_pass
-    )
+    return _score_all(weights, ProbeArrays.from_probes(probes), probes.config, checkpoints_per_pass)

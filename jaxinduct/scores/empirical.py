@@ -20,17 +20,22 @@ def _mean_over_repeated_queries(
     return jnp.sum(jnp.where(is_query, per_query, 0.0)) / jnp.maximum(is_query.sum(), 1)
 
 
-def prefix_matching(pattern: Float[Array, "seq kv_seq"], tokens: Int[Array, " seq"]) -> Float[Array, ""]:
+def prefix_matching(
+    pattern: Float[Array, "seq kv_seq"], tokens: Int[Array, " seq"], queries: Bool[Array, " seq"] | None = None
+) -> Float[Array, ""]:
     """Attention from each repeated token to the successor of its earlier occurrences.
 
     For every query q whose token occurred before, s_q = sum over earlier p with
     token(p) = token(q) of A[q, p + 1]; the score is the mean of s_q over those
     queries. On [BOS] + R R R R with R distinct, they are exactly the queries of
     repeats 2-4, and an ideal induction head scores 1.
+
+    queries: restrict the mean to these positions (among those with an earlier occurrence).
     """
     match = _earlier_occurrences(tokens)
     successor = jnp.pad(match[:, :-1], ((0, 0), (1, 0)))  # successor[q, k]: k = p + 1 for a match p
-    return _mean_over_repeated_queries(pattern, successor, match.any(axis=-1))
+    is_query = match.any(axis=-1) if queries is None else match.any(axis=-1) & queries
+    return _mean_over_repeated_queries(pattern, successor, is_query)
 
 
 def duplicate_token(pattern: Float[Array, "seq kv_seq"], tokens: Int[Array, " seq"]) -> Float[Array, ""]:
@@ -47,3 +52,40 @@ def duplicate_token(pattern: Float[Array, "seq kv_seq"], tokens: Int[Array, " se
 def previous_token(pattern: Float[Array, "seq kv_seq"]) -> Float[Array, ""]:
     """Mean over queries q >= 1 of A[q, q - 1]: 1 for a head that always attends one back."""
     return jnp.mean(jnp.diagonal(pattern, offset=-1))
+
+
+def copying(
+    pattern: Float[Array, "seq kv_seq"],
+    head_output: Float[Array, "seq d_model"],
+    final_scale: Float[Array, " seq"],
+    final_norm_w: Float[Array, " d_model"],
+    W_U: Float[Array, "d_model d_vocab"],
+    tokens: Int[Array, " seq"],
+    centre: bool,
+) -> Float[Array, ""]:
+    """Does the head raise the logits of the tokens it attends to? In [-1, 1].
+
+    Run on R alone (distinct random tokens). For query q, the head's direct logit effect
+    is c_q = N(o_q) W_U, with N the final norm linearised at this forward pass
+    (centre over d_model for LayerNorm, multiply by ``final_scale[q]`` and the norm's
+    weight). boost_q[t] = ReLU(c_q[t] - mean over the vocabulary of c_q) for each token
+    t of the sample. ratio_q = sum_t A[q, t] boost_q[t] / (max_t A[q, t] sum_t boost_q[t]):
+    the attention-weighted boost on attended tokens over the boost on all tokens of the
+    sample, normalised so that a head raising exactly what it attends to scores 1
+    (attending to one token or spread evenly). Queries whose head raises no sample token
+    (sum of boosts 0) are skipped. Score = 2 mean_q(ratio_q) - 1: a scaled-identity OV
+    scores near 1, its negation near -1; a head with a random OV circuit and even attention
+    scores about 0 (its attended share of the sample averages 1/2 over queries).
+    """
+    out = head_output - head_output.mean(axis=-1, keepdims=True) if centre else head_output
+    normed = out * final_scale[:, None] * final_norm_w
+    sample_logits = normed @ W_U[:, tokens]  # [seq, seq]: query q's effect on token t of the sample
+    vocab_mean = normed @ W_U.mean(axis=1)  # [seq]
+    boost = jnp.maximum(sample_logits - vocab_mean[:, None], 0.0)
+    total = boost.sum(axis=-1)
+    peak = pattern.max(axis=-1)
+    valid = (total > 0) & (peak > 0)
+    ratio = jnp.sum(pattern * boost, axis=-1) / jnp.where(valid, peak * total, 1.0)
+    n_valid = valid.sum()
+    mean_ratio = jnp.sum(jnp.where(valid, ratio, 0.0)) / jnp.maximum(n_valid, 1)
+    return jnp.where(n_valid > 0, 2.0 * mean_ratio - 1.0, jnp.nan)

@@ -15,6 +15,8 @@ Run these on processed weights (`jaxinduct.processing.process_weights`).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,13 +32,16 @@ def _mm(*factors: Array) -> Array:
     return out
 
 
-def eigenvalues(matrix: Float[Array, "n n"]) -> Complex[Array, " n"]:
+def eigenvalues(matrix: Float[Array, "n n"], *, on_host: bool | None = None) -> Complex[Array, " n"]:
     """Eigenvalues of a small non-symmetric matrix, on any backend.
 
     CPU and GPU lower jnp.linalg.eigvals; TPU has no lowering, so there the
     (d_head x d_head) matrix goes to the host and numpy computes the spectrum.
+    on_host: force one path (None: the host path exactly when the default backend is TPU).
     """
-    if jax.default_backend() != "tpu":
+    if on_host is None:
+        on_host = jax.default_backend() == "tpu"
+    if not on_host:
         return jnp.linalg.eigvals(matrix)
     dtype = jnp.result_type(matrix.dtype, jnp.complex64)
     out = jax.ShapeDtypeStruct(matrix.shape[:-1], dtype)
@@ -136,3 +141,50 @@ def induction_qk_positivity(W_E, W_V1, W_O1, W_Q2, W_K2) -> Float[Array, ""]:
 def induction_qk_trace(W_E, W_V1, W_O1, W_Q2, W_K2) -> Float[Array, ""]:
     """Trace of W, the sum of its eigenvalues (Olsson's QK eigenvalue trace); unnormalised."""
     return jnp.trace(induction_qk_matrix(W_E, W_V1, W_O1, W_Q2, W_K2))
+
+
+def _softmax_entries(
+    scores: Float[Array, "n n"], rows: Array, last_key: Array, read_key: Array
+) -> Float[Array, " m"]:
+    """For each row r: softmax of scores[r, k] over keys k <= last_key, read at read_key."""
+    allowed = jnp.arange(scores.shape[1])[None, :] <= last_key[:, None]
+    probs = jax.nn.softmax(jnp.where(allowed, scores[rows], -jnp.inf), axis=-1)
+    return jnp.take_along_axis(probs, read_key[:, None], axis=-1)[:, 0]
+
+
+def qk_prev_token(
+    W_pos: Float[Array, "n_ctx d_model"], W_Q: Float[Array, "d_model d_head"], W_K: Float[Array, "d_model d_head"]
+) -> Float[Array, ""]:
+    """How much the positional QK circuit alone makes a head attend one position back.
+
+    S = W_pos W_QK W_pos^T / sqrt(d_head) with causal masking and a row softmax; the
+    score is the mean over positions i >= 1 of softmax(S_i)[i - 1]. 1 for a head whose
+    positional term points every query at its predecessor. Only meaningful where
+    positions enter the residual or the query/key inputs (learned, shortformer).
+    """
+    d_head = W_Q.shape[-1]
+    scores = _mm(_mm(W_pos, W_Q), _mm(W_pos, W_K).T) / math.sqrt(d_head)
+    rows = jnp.arange(1, scores.shape[0])
+    return jnp.mean(_softmax_entries(scores, rows, last_key=rows, read_key=rows - 1))
+
+
+def pointer_arithmetic(
+    W_pos: Float[Array, "n_ctx d_model"],
+    W_V1: Float[Array, "d_model d_head"],
+    W_O1: Float[Array, "d_head d_model"],
+    W_Q2: Float[Array, "d_model d_head"],
+    W_K2: Float[Array, "d_model d_head"],
+) -> Float[Array, ""]:
+    """GPT-2's pointer arithmetic: head 2, reading a position head 1 copied, attends one further on.
+
+    S = W_pos W_OV1 W_QK2 W_pos^T / sqrt(d_head): row j is the query made from position
+    j's embedding after head 1's OV circuit, against raw positional keys. The score is
+    the mean over j of the softmax over keys k <= j + 1 of S[j, k], read at k = j + 1.
+    Built from [n_ctx, d_head] factors; the only n_ctx x n_ctx array is S itself.
+    """
+    d_head = W_Q2.shape[-1]
+    queries = _mm(W_pos, W_V1, W_O1, W_Q2)  # [n_ctx, d_head]
+    keys = _mm(W_pos, W_K2)  # [n_ctx, d_head]
+    scores = _mm(queries, keys.T) / math.sqrt(d_head)
+    rows = jnp.arange(scores.shape[0] - 1)
+    return jnp.mean(_softmax_entries(scores, rows, last_key=rows + 1, read_key=rows + 1))
