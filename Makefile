@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine with only Python:
-#   make demo   train the quickstart model and show the induction heads that formed
+#   make demo   train the quickstart model, scan its trajectory, show the induction heads that formed
 #   make test   install what the tests need and run them (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/jaxinduct train --preset quickstart --out $(DEMO_OUT)
+	$(BIN)/jaxinduct quickstart --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -26,6 +26,8 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/quickstart_phase_change.py
+	$(BIN)/python bench/score_throughput.py
+	$(BIN)/python bench/scan_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

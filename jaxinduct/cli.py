@@ -7,8 +7,12 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from jaxinduct.errors import JaxInductError
+
+if TYPE_CHECKING:
+    from jaxinduct.scan import ScanOptions
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -49,6 +53,91 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan_options(args: argparse.Namespace, **extra) -> "ScanOptions":
+    from jaxinduct.probes import ProbeConfig
+    from jaxinduct.scan import ScanOptions
+
+    probe = ProbeConfig()
+    overrides = {
+        "n_examples": args.examples,
+        "block_len": args.block_len,
+        "n_repeats": args.repeats,
+        "icl_late": args.icl_late,
+        "icl_early": args.icl_early,
+    }
+    probe = dataclasses.replace(probe, **{k: v for k, v in overrides.items() if v is not None})
+    scores = tuple(s.strip() for s in args.scores.split(",") if s.strip()) if args.scores else None
+    return ScanOptions(
+        source=args.source, store=args.store, run=args.run, steps=args.steps, scores=scores,
+        dataset=args.dataset, batch=args.batch, mesh=args.mesh, probe=probe,
+        load_workers=args.load_workers, progress=not args.no_progress, **extra,
+    )  # fmt: skip
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from jaxinduct.scan import scan
+
+    import jax
+
+    summary = scan(_scan_options(args))
+    if jax.process_index() == 0:  # under jax.distributed, one report (and one writer)
+        print(summary.describe())
+        print(f"results: {args.store}  (jaxinduct show --store {args.store})")
+    return 1 if summary.failed else 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from jaxinduct.scan import watch
+
+    summary = watch(
+        _scan_options(args), poll_seconds=args.poll, until_step=args.until_step, idle_timeout=args.idle_timeout
+    )
+    print(f"watch: {summary.scanned} checkpoints scanned, {summary.failed} failed; results: {args.store}")
+    return 1 if summary.failed else 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from jaxinduct.show import render_show
+    from jaxinduct.store import ResultStore
+
+    with ResultStore.open(args.store, create=False, readonly=True) as store:
+        print(render_show(store, run=args.run, metric=args.metric, step=args.step, top=args.top))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jaxinduct.store import ResultStore, export
+
+    with ResultStore.open(args.store, create=False, readonly=True) as store:
+        rows = export(store, args.table, args.format, args.out, run=args.run)
+    print(f"{rows} rows of {args.table} written to {args.out}")
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from jaxinduct.quickstart import quickstart
+
+    return quickstart(args.out, progress=not args.no_progress)
+
+
+def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE", help="a checkpoint directory (Orbax CheckpointManager)")
+    parser.add_argument("--store", required=True, help="results store (SQLite file; created if missing)")
+    parser.add_argument("--run", help="run name in the store (default: the SOURCE directory's name)")
+    parser.add_argument("--steps", default="all", help="all | latest | N | A:B | A:B:S | every:N, comma-separated")
+    parser.add_argument("--scores", help="comma-separated score names to keep (default: all; see docs/scores.md)")
+    parser.add_argument("--dataset", help=".npy token ids [example, seq] for icl_score, per_token_loss and ablation")
+    parser.add_argument("--icl-late", type=int, help="icl_score: late context index (default 500)")
+    parser.add_argument("--icl-early", type=int, help="icl_score: early context index (default 50)")
+    parser.add_argument("--examples", type=int, help="sequences per probe (default 32)")
+    parser.add_argument("--block-len", type=int, help="random block length of the repeated probes (default 25)")
+    parser.add_argument("--repeats", type=int, help="repeats of the block (default 4; probe = 1 + block-len x repeats)")
+    parser.add_argument("--batch", type=int, help="checkpoints per batch, a multiple of the mesh's ckpt axis (default 8)")
+    parser.add_argument("--mesh", help="device mesh 'ckpt=N,head=M' (default: every device on ckpt)")
+    parser.add_argument("--load-workers", type=int, default=4, help="threads restoring checkpoints (default 4)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinduct", description="Find induction heads across training runs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +158,53 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--list-presets", action="store_true", help="list presets and exit")
     train.set_defaults(func=_train)
+
+    scan = sub.add_parser(
+        "scan",
+        help="score every head of every checkpoint of a trajectory into a store",
+        description="Score the selected checkpoints of SOURCE (batched, compiled once) into --store. "
+        "Resumable: checkpoints already in the store for the same probes are skipped.",
+    )
+    _add_scan_arguments(scan)
+    scan.set_defaults(func=_scan)
+
+    watch = sub.add_parser(
+        "watch",
+        help="scan checkpoints of a run that is still training, as they are saved",
+        description="Poll SOURCE and scan each checkpoint as soon as its save is committed.",
+    )
+    _add_scan_arguments(watch)
+    watch.add_argument("--poll", type=float, default=10.0, help="seconds between looks at SOURCE (default 10)")
+    watch.add_argument("--until-step", type=int, help="stop once this step is scanned")
+    watch.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a new checkpoint")
+    watch.set_defaults(func=_watch)
+
+    show = sub.add_parser("show", help="print the top heads and model scores of a store")
+    show.add_argument("--store", required=True)
+    show.add_argument("--run", help="run name (default: every run in the store)")
+    show.add_argument("--metric", default="prefix_matching", help="head score to rank by (default prefix_matching)")
+    show.add_argument("--step", type=int, help="checkpoint step (default: the last scanned)")
+    show.add_argument("--top", type=int, default=10, help="how many heads (default 10)")
+    show.set_defaults(func=_show)
+
+    export = sub.add_parser("export", help="write a store's scores as CSV or Parquet")
+    export.add_argument("--store", required=True)
+    export.add_argument("--table", required=True, choices=["heads", "pairs", "model"])
+    export.add_argument("--format", required=True, choices=["csv", "parquet"])
+    export.add_argument("--out", required=True, help="output file")
+    export.add_argument("--run", help="only this run (default: all)")
+    export.set_defaults(func=_export)
+
+    quick = sub.add_parser(
+        "quickstart",
+        help="train the quickstart model, scan its trajectory and show the induction heads",
+        description="The built-in default job: trains the quickstart preset into DIR/trajectory "
+        "(about 3 minutes on 2 CPU cores), scans every checkpoint into DIR/results.sqlite and "
+        "shows the heads that became induction heads. Re-running resumes both steps.",
+    )
+    quick.add_argument("--out", default="runs/quickstart", help="output directory (default runs/quickstart)")
+    quick.add_argument("--no-progress", action="store_true")
+    quick.set_defaults(func=_quickstart)
     return parser
 
 
@@ -81,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            f"jaxinduct {args.command}: interrupted; committed checkpoints are kept, "
-            "and the same command resumes after the last one",
+            f"jaxinduct {args.command}: interrupted; finished work (committed checkpoints, scanned "
+            "batches) is kept, and the same command resumes where it stopped",
             file=sys.stderr,
         )
         return 130

@@ -166,21 +166,27 @@ def _get(tree: dict, *path: str) -> Any:
 
 
 def nnx_params_to_weights(spec: ModelSpec, params: dict) -> Weights:
-    """Canonical Weights from the reference model's params (``nnx.to_pure_dict`` layout)."""
+    """Canonical Weights from the reference model's params (``nnx.to_pure_dict`` layout).
+
+    Host (numpy) params give host Weights, with numpy only: the scan's loader threads
+    convert every restored checkpoint, and eager jnp ops there cost ~0.1 s each time.
+    """
     H, E, D = spec.n_heads, spec.d_head, spec.d_model
     layers = [_layer(_get(params, "blocks"), i) for i in range(spec.n_layers)]
+    on_host = all(isinstance(leaf, np.ndarray) for leaf in jax.tree_util.tree_leaves(params))
+    xp: Any = np if on_host else jnp
 
     def stacked(*path: str, reshape=None):
-        arrays = [jnp.asarray(_get(layer, *path)) for layer in layers]
+        arrays = [xp.asarray(_get(layer, *path)) for layer in layers]
         if reshape is not None:
             arrays = [reshape(a) for a in arrays]
-        return jnp.stack(arrays)
+        return xp.stack(arrays)
 
     def in_proj(kernel):  # [D, H*E] -> [H, D, E]
         return kernel.reshape(D, H, E).transpose(1, 0, 2)
 
     arrays: dict[str, Any] = {
-        "W_E": jnp.asarray(_get(params, "embed", "embedding")),
+        "W_E": xp.asarray(_get(params, "embed", "embedding")),
         "W_Q": stacked("attn", "query", "kernel", reshape=in_proj),
         "W_K": stacked("attn", "key", "kernel", reshape=in_proj),
         "W_V": stacked("attn", "value", "kernel", reshape=in_proj),
@@ -189,19 +195,19 @@ def nnx_params_to_weights(spec: ModelSpec, params: dict) -> Weights:
         "b_K": stacked("attn", "key", "bias", reshape=lambda b: b.reshape(H, E)),
         "b_V": stacked("attn", "value", "bias", reshape=lambda b: b.reshape(H, E)),
         "b_O": stacked("attn", "out", "bias"),
-        "W_U": jnp.asarray(_get(params, "unembed", "kernel")),
-        "b_U": jnp.asarray(_get(params, "unembed", "bias")),
+        "W_U": xp.asarray(_get(params, "unembed", "kernel")),
+        "b_U": xp.asarray(_get(params, "unembed", "bias")),
     }
     if spec.has_pos_embed:
-        arrays["W_pos"] = jnp.asarray(_get(params, "pos_embed", "embedding"))
+        arrays["W_pos"] = xp.asarray(_get(params, "pos_embed", "embedding"))
     if spec.norm != NormKind.NONE:
         arrays["ln1_w"] = stacked("ln1", "scale")
-        arrays["ln_final_w"] = jnp.asarray(_get(params, "ln_final", "scale"))
+        arrays["ln_final_w"] = xp.asarray(_get(params, "ln_final", "scale"))
         if not spec.attn_only:
             arrays["ln2_w"] = stacked("ln2", "scale")
         if spec.norm == NormKind.LAYERNORM:
             arrays["ln1_b"] = stacked("ln1", "bias")
-            arrays["ln_final_b"] = jnp.asarray(_get(params, "ln_final", "bias"))
+            arrays["ln_final_b"] = xp.asarray(_get(params, "ln_final", "bias"))
             if not spec.attn_only:
                 arrays["ln2_b"] = stacked("ln2", "bias")
     if not spec.attn_only:

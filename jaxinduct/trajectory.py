@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxinduct.errors import RunDirError
@@ -40,9 +41,10 @@ PARAMS, OPT_STATE, META = "params", "opt_state", "meta"
 
 
 class Layout(enum.StrEnum):
-    """How a step's ``params`` item is laid out; one converter to Weights each."""
+    """How a step's ``params`` item is laid out; one adapter to Weights each (jaxinduct.sources)."""
 
     NNX = "jaxinduct.nnx/1"  # the reference model's nnx.to_pure_dict tree
+    CANONICAL = "jaxinduct.canonical/1"  # a plain dict of canonical arrays by name (Weights.arrays())
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -96,9 +98,13 @@ def writer_options() -> ocp.CheckpointManagerOptions:
 
 
 class _DropReadOnlyNotice(logging.Filter):
-    # Orbax warns on every read-only manager, which is every read jaxinduct does.
+    # Orbax warns on every read-only manager (every read jaxinduct does), and on every item
+    # of a step that a reader did not ask for (a scan reads params and meta, not opt_state).
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Given directory is read only")
+        message = record.getMessage()
+        return not (
+            message.startswith("Given directory is read only") or "was found in the checkpoint, but could not be restored" in message
+        )
 
 
 logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
@@ -106,7 +112,18 @@ logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
 
 def reader_options() -> ocp.CheckpointManagerOptions:
     # Readers may look at a run that is still being written: never create, clean or delete.
-    return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    # Reading is process-local: under jax.distributed each process restores its own
+    # checkpoints, from loader threads, so Orbax must not wait for the other processes at
+    # its barriers (it would deadlock them); this process is the only one taking part.
+    me = jax.process_index()
+    return ocp.CheckpointManagerOptions(
+        read_only=True,
+        create=False,
+        save_interval_steps=0,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"jaxinduct-reader-{me}"
+        ),
+    )
 
 
 def committed_steps(directory: str | os.PathLike) -> list[int]:
@@ -118,20 +135,26 @@ def committed_steps(directory: str | os.PathLike) -> list[int]:
 
 
 def restore_weights(directory: str | os.PathLike, step: int) -> tuple[Weights, dict[str, Any]]:
-    """Canonical Weights and the meta dict of one step of a jaxinduct trajectory."""
-    directory = Path(directory).expanduser().resolve()  # Orbax wants absolute paths
-    steps = committed_steps(directory)
-    if step not in steps:
-        raise RunDirError(f"{directory} has no committed step {step}; committed steps: {steps}")
-    with ocp.CheckpointManager(directory, options=reader_options(), item_names=(PARAMS, META)) as manager:
-        meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-        layout = meta.get("layout")
-        if layout != Layout.NNX:
-            raise RunDirError(f"step {step} of {directory} has params layout {layout!r}; this reader knows {Layout.NNX.value!r}")
-        spec = ModelSpec.from_dict(meta["spec"])
-        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_nnx_params(spec))
-        params = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
-    return nnx_params_to_weights(spec, params), meta
+    """Canonical Weights and the meta dict of one step of a jaxinduct trajectory (either layout)."""
+    from jaxinduct.sources import OrbaxSource  # the adapters live there; this is a shortcut
+
+    source = OrbaxSource.open(directory)
+    if step not in source.steps():
+        raise RunDirError(f"{source.directory} has no committed step {step}; committed steps: {source.steps()}")
+    return source.load_with_meta(step)
+
+
+def save_canonical_step(manager: ocp.CheckpointManager, step: int, weights: Weights, meta: dict[str, Any]) -> None:
+    """Save one checkpoint in the CANONICAL layout (params: a dict of arrays by canonical name).
+
+    ``manager`` must have item_names including PARAMS and META. The layout, spec and step
+    are added to ``meta``.
+    """
+    meta = {**meta, "step": step, "spec": weights.spec.to_dict(), "layout": Layout.CANONICAL.value}
+    params = {name: np.asarray(array) for name, array in weights.arrays().items()}
+    manager.save(
+        step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(meta)})
+    )
 
 
 def abstract_nnx_params(spec: ModelSpec) -> dict:

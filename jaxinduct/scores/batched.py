@@ -359,6 +359,24 @@ def _score_all(
     return jax.lax.map(one, weights, batch_size=checkpoints_per_pass)
 
 
+# Every name score_all can return (docs/scores.md): the public vocabulary of the store and exports.
+HEAD_SCORE_NAMES = frozenset({
+    "prefix_matching", "previous_token", "duplicate_token", "copying", "prefix2_sensitivity", "ov_copying",
+    "qk_prev_token", "induction_qk_positivity", "induction_qk_trace", "pointer_arithmetic",
+    "induction_behaviour", "induction_mechanism", "induction_verdicts_agree",
+    "ablation_icl_delta", "ablation_icl_delta_pattern_preserving",
+})  # fmt: skip
+PAIR_SCORE_NAMES = frozenset({
+    "q_composition", "k_composition", "v_composition", "induction_qk_positivity", "induction_qk_trace",
+    "pointer_arithmetic",
+})  # fmt: skip
+MODEL_SCORE_NAMES = frozenset({"induction_loss", "icl_score"})
+CURVE_NAMES = frozenset({
+    "per_token_loss", "ablation_per_token_loss_delta", "ablation_per_token_loss_delta_pattern_preserving",
+})  # fmt: skip
+PUBLIC_SCORE_NAMES = HEAD_SCORE_NAMES | PAIR_SCORE_NAMES | MODEL_SCORE_NAMES | CURVE_NAMES
+
+
 def score_all(weights: Weights, probes: Probes, *, checkpoints_per_pass: int | None = None) -> ScoreResults:
     """Every score for every head (and head pair) of ckpt-stacked Weights, in one pass.
 
