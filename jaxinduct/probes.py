@@ -51,11 +51,14 @@ def repeated_random_tokens(
 class VerdictThresholds:
     """When a head counts as an induction head (docs/scores.md, "Verdicts"). Strict: score > threshold."""
 
+    # Each default sits several times above what a randomly initialised head scores
+    # (docs/scores.md, "Baselines"): prefix_matching ~0.03, |copying| < 0.2,
+    # |ov_copying|, |induction_qk_positivity| < 0.3, previous_token ~0.04-0.06.
     prefix_matching: float = 0.4  # behaviour: attends to the token after earlier copies ...
-    copying: float = 0.5  # ... and raises the logits of what it attends to
+    copying: float = 0.3  # ... and raises the logits of what it attends to
     ov_copying: float = 0.5  # mechanism: copying OV circuit ...
     induction_qk: float = 0.5  # ... a positive induction QK term (induction_qk_positivity per head) ...
-    previous_token: float = 0.4  # ... and some head of an earlier layer scoring this previous_token
+    previous_token: float = 0.2  # ... and some head of an earlier layer scoring this previous_token
 
 
 @dataclasses.dataclass(frozen=True)

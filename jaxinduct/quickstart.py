@@ -51,7 +51,7 @@ def quickstart(out: str | Path, *, progress: bool = True) -> int:
     print("    " + summary.describe().replace("\n", "\n    "))
     print("3/3 the heads that became induction heads:\n", flush=True)
     with ResultStore.open(out / STORE, create=False, readonly=True) as store:
-        print(render_show(store, run="quickstart", metric="prefix_matching", top=8))
+        print(render_show(store, run="quickstart", metric="prefix_matching", top=8).rstrip())
     print(f"\nexplore: jaxinduct show --store {out / STORE} --metric copying")
     print(f"         jaxinduct export --store {out / STORE} --table heads --format csv --out heads.csv")
     return 1 if summary.failed else 0

@@ -163,8 +163,15 @@ def load_dataset(path: str | None) -> np.ndarray | None:
 
 def probe_identity(probes: Probes, scores: tuple[str, ...] | None) -> tuple[str, str]:
     """(hash, JSON) identifying the results: the probes and which scores are kept."""
+    from jaxinduct.scores.batched import SCORES_VERSION
+
     config = dataclasses.asdict(probes.config)
-    record = {"probes": config, "probe_hash": probes.config_hash(), "scores": sorted(scores) if scores else "all"}
+    record = {
+        "probes": config,
+        "probe_hash": probes.config_hash(),
+        "scores": sorted(scores) if scores else "all",
+        "scores_version": SCORES_VERSION,
+    }
     text = json.dumps(record, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16], text
 
@@ -330,6 +337,7 @@ def scan(options: ScanOptions, *, on_batch: Callable[[list[int]], None] | None =
         plan.already_done = plan.selected - len(plan.todo)
         return _run_batches(plan, store, options, on_batch)
     finally:
+        plan.source.close()
         if store is not None:
             store.close()
 

@@ -68,11 +68,16 @@ class CheckpointSource(Protocol):
         if manager is None:
             manager = ocp.CheckpointManager(self.directory, options=reader_options(), item_names=(PARAMS, META))
             self._readers.manager = manager
+            self._open_readers.append(manager)  # list.append is atomic: safe from loader threads
         elif step not in manager.all_steps():
             manager.reload()  # a live run saved it after this reader listed the directory
         return manager
 
     def load(self, step: int) -> LoadedCheckpoint: ...
+
+    def close(self) -> None:
+        """Release what loading opened (files, readers); called when a scan ends."""
+        ...
 
 
 # --- Orbax CheckpointManager directories -------------------------------------------------------
@@ -109,6 +114,7 @@ class OrbaxSource:
     # directory and costs more than restoring a small checkpoint. Managers are not shared
     # between threads.
     _readers: threading.local = dataclasses.field(default_factory=threading.local, repr=False)
+    _open_readers: list[ocp.CheckpointManager] = dataclasses.field(default_factory=list, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_empty: bool = False) -> OrbaxSource:
@@ -204,9 +210,16 @@ class OrbaxSource:
         if manager is None:
             manager = ocp.CheckpointManager(self.directory, options=reader_options(), item_names=(PARAMS, META))
             self._readers.manager = manager
+            self._open_readers.append(manager)  # list.append is atomic: safe from loader threads
         elif step not in manager.all_steps():
             manager.reload()  # a live run saved it after this reader listed the directory
         return manager
+
+    def close(self) -> None:
+        """Close the readers the loader threads opened (the source stays usable)."""
+        while self._open_readers:
+            self._open_readers.pop().close()
+        self._readers = threading.local()
 
     def load(self, step: int) -> LoadedCheckpoint:
         weights, meta = self.load_with_meta(step)

@@ -139,9 +139,12 @@ def restore_weights(directory: str | os.PathLike, step: int) -> tuple[Weights, d
     from jaxinduct.sources import OrbaxSource  # the adapters live there; this is a shortcut
 
     source = OrbaxSource.open(directory)
-    if step not in source.steps():
-        raise RunDirError(f"{source.directory} has no committed step {step}; committed steps: {source.steps()}")
-    return source.load_with_meta(step)
+    try:
+        if step not in source.steps():
+            raise RunDirError(f"{source.directory} has no committed step {step}; committed steps: {source.steps()}")
+        return source.load_with_meta(step)
+    finally:
+        source.close()
 
 
 def save_canonical_step(manager: ocp.CheckpointManager, step: int, weights: Weights, meta: dict[str, Any]) -> None:

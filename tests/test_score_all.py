@@ -292,15 +292,19 @@ def dense_copying(weights, tokens):
     scores = np.full((spec.n_layers, spec.n_heads), np.nan)
     for layer in range(spec.n_layers):
         for head in range(spec.n_heads):
-            ratios = []
+            contrasts = []
             for q in range(len(tokens)):
                 o = internals["head_outputs"][layer, head, q]
                 logits = ((o - o.mean()) * scale[q] * ln_w) @ W_U
                 boost = np.maximum(logits[np.asarray(tokens)] - logits.mean(), 0.0)
                 attention = patterns[layer, head, q]
-                if boost.sum() > 0:
-                    ratios.append((attention * boost).sum() / (attention.max() * boost.sum()))
-            scores[layer, head] = 2 * np.mean(ratios) - 1
+                attended = (attention * boost).sum()
+                away = 1 - attention / attention.max()
+                if away.sum() > 1e-6:
+                    unattended = (away * boost).sum() / away.sum()
+                    if attended + unattended > 0:
+                        contrasts.append((attended - unattended) / (attended + unattended))
+            scores[layer, head] = np.mean(contrasts)
     return scores
 
 

@@ -359,6 +359,10 @@ def _score_all(
     return jax.lax.map(one, weights, batch_size=checkpoints_per_pass)
 
 
+# Bumped whenever a definition changes what a score's number is: part of the results'
+# identity in the store (scan.probe_identity), so old and new numbers are never mixed.
+SCORES_VERSION = 1
+
 # Every name score_all can return (docs/scores.md): the public vocabulary of the store and exports.
 HEAD_SCORE_NAMES = frozenset({
     "prefix_matching", "previous_token", "duplicate_token", "copying", "prefix2_sensitivity", "ov_copying",

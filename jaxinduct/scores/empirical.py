@@ -63,29 +63,35 @@ def copying(
     tokens: Int[Array, " seq"],
     centre: bool,
 ) -> Float[Array, ""]:
-    """Does the head raise the logits of the tokens it attends to? In [-1, 1].
+    """Does the head raise the logits of the tokens it attends to, more than the others? In [-1, 1].
 
-    Run on R alone (distinct random tokens). For query q, the head's direct logit effect
-    is c_q = N(o_q) W_U, with N the final norm linearised at this forward pass
-    (centre over d_model for LayerNorm, multiply by ``final_scale[q]`` and the norm's
-    weight). boost_q[t] = ReLU(c_q[t] - mean over the vocabulary of c_q) for each token
-    t of the sample. ratio_q = sum_t A[q, t] boost_q[t] / (max_t A[q, t] sum_t boost_q[t]):
-    the attention-weighted boost on attended tokens over the boost on all tokens of the
-    sample, normalised so that a head raising exactly what it attends to scores 1
-    (attending to one token or spread evenly). Queries whose head raises no sample token
-    (sum of boosts 0) are skipped. Score = 2 mean_q(ratio_q) - 1: a scaled-identity OV
-    scores near 1, its negation near -1; a head with a random OV circuit and even attention
-    scores about 0 (its attended share of the sample averages 1/2 over queries).
+    Run on R alone (distinct random tokens, so a position is a token). For query q the
+    head's direct logit effect is c_q = N(o_q) W_U, with N the final norm linearised at
+    this forward pass (centred over d_model for LayerNorm, times ``final_scale[q]`` and
+    the norm's weight), and boost_q[t] = ReLU(c_q[t] - mean over the vocabulary of c_q)
+    for every token t of the sample. Then
+
+        attended_q   = sum_t A[q, t] boost_q[t]                 (attention-weighted)
+        unattended_q = sum_t w_t boost_q[t] / sum_t w_t,  w_t = 1 - A[q, t] / max A[q]
+        s_q = (attended_q - unattended_q) / (attended_q + unattended_q)
+
+    and the score is the mean of s_q over queries where it is defined (some token is
+    less than fully attended, and some boost is positive). A head whose OV circuit is a
+    scaled identity scores 1 however it spreads its attention; its negation -1; a head
+    whose boosts ignore its attention about 0. See docs/scores.md for the choices.
     """
     out = head_output - head_output.mean(axis=-1, keepdims=True) if centre else head_output
     normed = out * final_scale[:, None] * final_norm_w
-    sample_logits = normed @ W_U[:, tokens]  # [seq, seq]: query q's effect on token t of the sample
+    sample_logits = normed @ W_U[:, tokens]  # [seq, seq]: query q's effect on the token at position t
     vocab_mean = normed @ W_U.mean(axis=1)  # [seq]
     boost = jnp.maximum(sample_logits - vocab_mean[:, None], 0.0)
-    total = boost.sum(axis=-1)
-    peak = pattern.max(axis=-1)
-    valid = (total > 0) & (peak > 0)
-    ratio = jnp.sum(pattern * boost, axis=-1) / jnp.where(valid, peak * total, 1.0)
+    attended = jnp.sum(pattern * boost, axis=-1)
+    peak = pattern.max(axis=-1, keepdims=True)
+    away = 1.0 - pattern / jnp.where(peak > 0, peak, 1.0)  # 0 on the most attended token, 1 on unattended ones
+    away_total = away.sum(axis=-1)
+    unattended = jnp.sum(away * boost, axis=-1) / jnp.where(away_total > 0, away_total, 1.0)
+    total = attended + unattended
+    valid = (away_total > 1e-6) & (total > 0)
+    contrast = (attended - unattended) / jnp.where(valid, total, 1.0)
     n_valid = valid.sum()
-    mean_ratio = jnp.sum(jnp.where(valid, ratio, 0.0)) / jnp.maximum(n_valid, 1)
-    return jnp.where(n_valid > 0, 2.0 * mean_ratio - 1.0, jnp.nan)
+    return jnp.where(n_valid > 0, jnp.sum(jnp.where(valid, contrast, 0.0)) / jnp.maximum(n_valid, 1), jnp.nan)
