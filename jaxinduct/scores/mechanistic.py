@@ -35,14 +35,20 @@ def _mm(*factors: Array) -> Array:
 def eigenvalues(matrix: Float[Array, "n n"], *, on_host: bool | None = None) -> Complex[Array, " n"]:
     """Eigenvalues of a small non-symmetric matrix, on any backend.
 
-    CPU and GPU lower jnp.linalg.eigvals; TPU has no lowering, so there the
-    (d_head x d_head) matrix goes to the host and numpy computes the spectrum.
-    on_host: force one path (None: the host path exactly when the default backend is TPU).
+    CPU and GPU lower jnp.linalg.eigvals; TPU has no eig lowering, so there the
+    (d_head x d_head) matrix goes to the host and numpy computes the spectrum. The
+    choice is made when the program is lowered for its platform (lax.platform_dependent),
+    not from the machine that traces it, so a TPU program compiled ahead of time on a
+    CPU host gets the host path. on_host: force one path (for tests).
     """
-    if on_host is None:
-        on_host = jax.default_backend() == "tpu"
-    if not on_host:
+    if on_host is True:
+        return _host_eigenvalues(matrix)
+    if on_host is False:
         return jnp.linalg.eigvals(matrix)
+    return jax.lax.platform_dependent(matrix, default=jnp.linalg.eigvals, tpu=_host_eigenvalues)
+
+
+def _host_eigenvalues(matrix: Float[Array, "n n"]) -> Complex[Array, " n"]:
     dtype = jnp.result_type(matrix.dtype, jnp.complex64)
     out = jax.ShapeDtypeStruct(matrix.shape[:-1], dtype)
     return jax.pure_callback(
