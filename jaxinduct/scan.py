@@ -90,12 +90,15 @@ class ScanSummary:
     failures: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
-        rate = self.scanned / self.seconds if self.seconds > 0 else float("nan")
         lines = [
             f"run {self.run!r} (probe hash {self.probe_hash}): {self.selected} checkpoints selected, "
             f"{self.already_done} already in the store, {self.scanned} scanned, {self.failed} failed",
-            f"{self.seconds:.1f} s ({rate:.2f} checkpoints/s, first batch compile {self.compile_seconds:.1f} s)",
         ]
+        if self.scanned or self.failed:
+            rate = (self.scanned + self.failed) / self.seconds if self.seconds > 0 else float("nan")
+            lines.append(f"{self.seconds:.1f} s ({rate:.2f} checkpoints/s, first batch incl. compile {self.compile_seconds:.1f} s)")
+        else:
+            lines.append("nothing to scan: every selected checkpoint is already in the store")
         lines += [f"  step {step} failed: {error.splitlines()[0]}" for step, error in self.failures[:5]]
         return "\n".join(lines)
 
