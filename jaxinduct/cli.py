@@ -114,6 +114,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from jaxinduct.convert import convert_hf
+
+    written = convert_hf(args.source, args.out, steps=args.steps)
+    print(f"{len(written)} revisions written to {args.out}" + (f" (steps {written[0]}..{written[-1]})" if written else ""))
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from jaxinduct.quickstart import quickstart
 
@@ -121,7 +129,11 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="SOURCE", help="a checkpoint directory (Orbax CheckpointManager)")
+    parser.add_argument(
+        "source", metavar="SOURCE",
+        help="an Orbax CheckpointManager directory, a Hugging Face model directory, or a directory of "
+        "Hugging Face revisions (stepN, checkpoint-N, revision-*)",
+    )  # fmt: skip
     parser.add_argument("--store", required=True, help="results store (SQLite file; created if missing)")
     parser.add_argument("--run", help="run name in the store (default: the SOURCE directory's name)")
     parser.add_argument("--steps", default="all", help="all | latest | N | A:B | A:B:S | every:N, comma-separated")
@@ -194,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output file")
     export.add_argument("--run", help="only this run (default: all)")
     export.set_defaults(func=_export)
+
+    convert = sub.add_parser("convert", help="convert checkpoints of another format into an Orbax trajectory")
+    convert_formats = convert.add_subparsers(dest="format", required=True)
+    hf = convert_formats.add_parser(
+        "hf",
+        help="Hugging Face revisions (stepN, checkpoint-N, revision-*) or one model directory",
+        description="Write each selected Hugging Face revision (config.json + safetensors) as one Orbax "
+        "step in jaxinduct's canonical layout. Resumable.",
+    )
+    hf.add_argument("source", metavar="SOURCE")
+    hf.add_argument("--out", required=True, help="Orbax trajectory directory to write")
+    hf.add_argument("--steps", default="all", help="all | latest | N | A:B | A:B:S | every:N, comma-separated")
+    hf.set_defaults(func=_convert)
 
     quick = sub.add_parser(
         "quickstart",

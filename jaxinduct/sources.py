@@ -17,6 +17,7 @@ Layouts of an Orbax CheckpointManager directory, named by each step's ``meta`` i
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import threading
@@ -232,8 +233,100 @@ def _path(keys: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
 
 
+# --- Hugging Face model directories ------------------------------------------------------------
+
+HF_CONFIG = "config.json"
+TRAINER_STATE = "trainer_state.json"
+_REVISION_NAMES = (re.compile(r"^step(\d+)$"), re.compile(r"^checkpoint-(\d+)$"), re.compile(r"^revision-.+$"))
+
+
+def _hf_step(directory: Path) -> int | None:
+    """A revision's step: from its name (stepN, checkpoint-N), else from trainer_state.json."""
+    for pattern in _REVISION_NAMES[:2]:
+        match = pattern.match(directory.name)
+        if match:
+            return int(match[1])
+    state = directory / TRAINER_STATE
+    if state.is_file():
+        try:
+            return int(json.loads(state.read_text())["global_step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SourceError(f"{state}: no readable integer 'global_step' ({e}); rename the directory stepN") from e
+    return None
+
+
+@dataclasses.dataclass
+class HFSource:
+    """Hugging Face model directories (config.json + safetensors): one, or a trajectory of
+    revision subdirectories named ``step{N}``, ``checkpoint-{N}`` or ``revision-*`` (the step
+    from the name, or from the revision's trainer_state.json)."""
+
+    directory: Path
+    description: str
+    single: bool
+
+    @classmethod
+    def detect(cls, directory: Path) -> HFSource | None:
+        if (directory / HF_CONFIG).is_file():
+            return cls(directory, str(directory), single=True)
+        if any(_is_revision(child) for child in _children(directory)):
+            return cls(directory, str(directory), single=False)
+        return None
+
+    def _revisions(self) -> dict[int, Path]:
+        if self.single:
+            step = _hf_step(self.directory)
+            return {0 if step is None else step: self.directory}
+        revisions: dict[int, Path] = {}
+        for child in _children(self.directory):
+            if not _is_revision(child):
+                continue
+            step = _hf_step(child)
+            if step is None:
+                raise SourceError(f"{child}: a revision needs its step in its name (stepN, checkpoint-N) or in {TRAINER_STATE}")
+            if step in revisions:
+                raise SourceError(f"{revisions[step]} and {child} both claim step {step}")
+            revisions[step] = child
+        return revisions
+
+    def steps(self) -> list[int]:
+        return sorted(self._revisions())
+
+    def spec(self, step: int | None = None) -> ModelSpec:
+        from jaxinduct.importers.hf import read_hf_config, spec_from_hf_config
+
+        revisions = self._revisions()
+        path = revisions[min(revisions) if step is None else step]
+        return spec_from_hf_config(read_hf_config(path), source=path / HF_CONFIG)
+
+    def load(self, step: int) -> LoadedCheckpoint:
+        from jaxinduct.importers.hf import load_hf_weights
+
+        path = self._revisions()[step]
+        weights = load_hf_weights(path)
+        first = self.spec()
+        if weights.spec != first:
+            raise SourceError(f"{path}: its config.json describes another architecture than the first revision's")
+        return LoadedCheckpoint(step=step, weights=weights, tokens_seen=None)
+
+    def close(self) -> None:
+        pass
+
+
+def _children(directory: Path) -> list[Path]:
+    return sorted(child for child in directory.iterdir() if child.is_dir()) if directory.is_dir() else []
+
+
+def _is_revision(child: Path) -> bool:
+    return any(p.match(child.name) for p in _REVISION_NAMES) and (child / HF_CONFIG).is_file()
+
+
 def open_source(path: str | os.PathLike, *, allow_empty: bool = False) -> CheckpointSource:
-    """The source for a path: today Orbax directories; Hugging Face layouts join here."""
+    """The source for a path: a Hugging Face model or revision directory, else Orbax."""
+    directory = Path(path).expanduser().resolve()
+    hf = HFSource.detect(directory) if directory.is_dir() else None
+    if hf is not None:
+        return hf
     return OrbaxSource.open(path, allow_empty=allow_empty)
 
 
