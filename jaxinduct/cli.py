@@ -70,7 +70,7 @@ def _scan_options(args: argparse.Namespace, **extra) -> "ScanOptions":
     return ScanOptions(
         source=args.source, store=args.store, run=args.run, steps=args.steps, scores=scores,
         dataset=args.dataset, batch=args.batch, mesh=args.mesh, probe=probe,
-        load_workers=args.load_workers, progress=not args.no_progress, **extra,
+        load_workers=args.load_workers, progress=not args.no_progress, mapping=args.mapping, **extra,
     )  # fmt: skip
 
 
@@ -148,6 +148,11 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", help="device mesh 'ckpt=N,head=M' (default: every device on ckpt)")
     parser.add_argument("--load-workers", type=int, default=4, help="threads restoring checkpoints (default 4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    parser.add_argument(
+        "--mapping", metavar="FILE",
+        help="YAML mapping the params tree of someone else's Orbax checkpoints to canonical names "
+        "(see docs/mappings/ and jaxinduct/mapping.py)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,6 +75,7 @@ class ScanOptions:
     # (bench/score_throughput.py), and the whole batch on accelerators.
     per_pass: int | None | str = "auto"
     progress: bool = True
+    mapping: str | None = None  # YAML mapping a foreign Orbax params tree to canonical names
 
 
 @dataclasses.dataclass
@@ -287,7 +288,7 @@ def _check_score_names(scores: tuple[str, ...] | None) -> None:
 
 def prepare(options: ScanOptions, *, wait_for_steps: bool = False) -> tuple[_Prepared, Callable[[], ResultStore | None]]:
     """Validate every option before the store is touched; return the plan and a store opener."""
-    source = open_source(options.source, allow_empty=wait_for_steps)
+    source = open_source(options.source, allow_empty=wait_for_steps, mapping=options.mapping)
     _check_score_names(options.scores)
     mesh = parse_mesh(options.mesh)
     batch = resolve_batch(options.batch, mesh)
@@ -447,7 +448,7 @@ def watch(
     last_new = time.monotonic()
     waiting_logged = False
     while True:
-        source = open_source(options.source, allow_empty=True)
+        source = open_source(options.source, allow_empty=True, mapping=options.mapping)
         if source.steps():
             summary = scan(dataclasses.replace(options, progress=False))
             total.run, total.probe_hash = summary.run, summary.probe_hash

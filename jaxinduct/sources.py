@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxinduct.errors import JaxInductError, RunDirError
+from jaxinduct.mapping import Mapping, apply_mapping, check_shapes, flatten_tree, load_mapping
 from jaxinduct.model import nnx_params_to_weights
 from jaxinduct.trajectory import META, PARAMS, RUN_FILE, Layout, abstract_nnx_params, reader_options
 from jaxinduct.weights import ModelSpec, Weights, expected_shapes, make_weights
@@ -116,16 +117,24 @@ class OrbaxSource:
     # between threads.
     _readers: threading.local = dataclasses.field(default_factory=threading.local, repr=False)
     _open_readers: list[ocp.CheckpointManager] = dataclasses.field(default_factory=list, repr=False)
+    # A declarative mapping (jaxinduct.mapping) for someone else's params tree: the spec comes
+    # from it, the params from its Orbax item, restored as a plain tree; no meta item is read.
+    mapping: Mapping | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, allow_empty: bool = False) -> OrbaxSource:
-        """Check that ``path`` is a checkpoint directory; ``allow_empty`` for a run yet to save."""
+    def open(
+        cls, path: str | os.PathLike, *, allow_empty: bool = False, mapping: str | os.PathLike | Mapping | None = None
+    ) -> OrbaxSource:
+        """Check that ``path`` is a checkpoint directory; ``allow_empty`` for a run yet to save;
+        ``mapping`` (a YAML file, see `jaxinduct.mapping`) for a tree in someone else's layout."""
         directory = Path(path).expanduser().resolve()  # Orbax wants absolute paths
         if not directory.exists():
             raise SourceError(f"{directory} does not exist; give the directory a training run saves checkpoints to")
         if not directory.is_dir():
             raise SourceError(f"{directory} is a file, not a checkpoint directory")
-        source = cls(directory, str(directory))
+        if mapping is not None and not isinstance(mapping, Mapping):
+            mapping = load_mapping(mapping)
+        source = cls(directory, str(directory), mapping=mapping)
         if not allow_empty and not source.steps():
             hint = (
                 "its run has not committed a checkpoint yet (use `jaxinduct watch` to wait for them)"
@@ -169,6 +178,10 @@ class OrbaxSource:
             if not steps:
                 raise SourceError(f"{self.directory} holds no committed checkpoint yet")
             step = steps[0]
+        if self.mapping is not None:
+            shapes = {k: tuple(v.shape) for k, v in flatten_tree(self._mapped_metadata(step)).items()}
+            check_shapes(self.mapping, shapes, where=f"step {step} of {self.directory}")
+            return self.mapping.spec
         meta = self.meta(step)
         if "spec" not in meta:
             raise SourceError(f"step {step} of {self.directory}: its meta item has no 'spec'")
@@ -216,6 +229,47 @@ class OrbaxSource:
             manager.reload()  # a live run saved it after this reader listed the directory
         return manager
 
+    def _mapped_reader(self, step: int) -> ocp.CheckpointManager:
+        """This thread's reader of the mapping's item (any tree, restored with the standard handler)."""
+        assert self.mapping is not None
+        manager = getattr(self._readers, "mapped", None)
+        if manager is None:
+            handlers = {self.mapping.item: ocp.StandardCheckpointHandler()}
+            manager = ocp.CheckpointManager(self.directory, options=reader_options(), item_handlers=handlers)
+            self._readers.mapped = manager
+            self._open_readers.append(manager)
+        elif step not in manager.all_steps():
+            manager.reload()
+        return manager
+
+    def _mapped_metadata(self, step: int) -> Any:
+        """The mapping item's tree of array metadata (shapes, dtypes); no array is read."""
+        assert self.mapping is not None
+        item = self.mapping.item
+        try:
+            metadata = self._mapped_reader(step).item_metadata(step)[item]
+        except Exception as e:
+            metadata, error = None, e
+        else:
+            error = None
+        if metadata is None:
+            step_dir = self.directory / str(step)
+            found = sorted(p.name for p in step_dir.iterdir() if p.is_dir()) if step_dir.is_dir() else []
+            detail = f" ({type(error).__name__}: {error})" if error is not None else ""
+            raise SourceError(
+                f"step {step} of {self.directory}: mapping {self.mapping.file} reads Orbax item {item!r}, "
+                f"which this step does not hold{detail}; its items: {found} (a bare StandardSave is item 'default')"
+            ) from error
+        return getattr(metadata, "tree", metadata)
+
+    def _load_mapped(self, step: int) -> LoadedCheckpoint:
+        assert self.mapping is not None
+        item = self.mapping.item
+        target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), self._mapped_metadata(step))
+        tree = self._mapped_reader(step).restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
+        weights = apply_mapping(self.mapping, tree, where=f"step {step} of {self.directory}")
+        return LoadedCheckpoint(step=step, weights=jax.tree_util.tree_map(np.asarray, weights), tokens_seen=None)
+
     def close(self) -> None:
         """Close the readers the loader threads opened (the source stays usable)."""
         while self._open_readers:
@@ -223,6 +277,8 @@ class OrbaxSource:
         self._readers = threading.local()
 
     def load(self, step: int) -> LoadedCheckpoint:
+        if self.mapping is not None:
+            return self._load_mapped(step)
         weights, meta = self.load_with_meta(step)
         tokens = meta.get("tokens_seen")
         return LoadedCheckpoint(step=step, weights=weights, tokens_seen=None if tokens is None else int(tokens))
@@ -321,13 +377,18 @@ def _is_revision(child: Path) -> bool:
     return any(p.match(child.name) for p in _REVISION_NAMES) and (child / HF_CONFIG).is_file()
 
 
-def open_source(path: str | os.PathLike, *, allow_empty: bool = False) -> CheckpointSource:
-    """The source for a path: a Hugging Face model or revision directory, else Orbax."""
+def open_source(
+    path: str | os.PathLike, *, allow_empty: bool = False, mapping: str | os.PathLike | None = None
+) -> CheckpointSource:
+    """The source for a path: a Hugging Face model or revision directory, else Orbax
+    (read through ``mapping``, a `jaxinduct.mapping` YAML file, when given)."""
     directory = Path(path).expanduser().resolve()
     hf = HFSource.detect(directory) if directory.is_dir() else None
     if hf is not None:
+        if mapping is not None:
+            raise SourceError(f"{directory} is a Hugging Face model directory; --mapping applies to Orbax checkpoints")
         return hf
-    return OrbaxSource.open(path, allow_empty=allow_empty)
+    return OrbaxSource.open(path, allow_empty=allow_empty, mapping=mapping)
 
 
 # --- step selection --------------------------------------------------------------------------

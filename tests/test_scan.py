@@ -240,7 +240,7 @@ def test_a_scan_of_200_checkpoints_compiles_once(tmp_path, monkeypatch):
     import jaxinduct.scan as engine
 
     source = MemorySource(list(range(200)))
-    monkeypatch.setattr(engine, "open_source", lambda path, allow_empty=False: source)
+    monkeypatch.setattr(engine, "open_source", lambda path, **options: source)
     before = _score_all._cache_size()
     summary = scan(ScanOptions(source="memory", store=str(tmp_path / "s.sqlite"), run="mem", probe=PROBE, batch=16, progress=False))
     assert summary.scanned == 200  # 12 full batches and a padded one of 8
