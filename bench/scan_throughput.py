@@ -45,8 +45,7 @@ from jaxinduct.weights import stack_weights  # noqa: E402
 
 
 def bare_restore(source: OrbaxSource, steps: list[int]) -> None:
-    targets = {step: _restore_target(source.layout(step), source.spec(step)) for step in steps[:1]}
-    target = targets[steps[0]]
+    target = _restore_target(source.layout(steps[0]), source.spec(steps[0]))
     with ocp.CheckpointManager(source.directory, options=reader_options(), item_names=(PARAMS,)) as manager:
         for step in steps:
             params = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]

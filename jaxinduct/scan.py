@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinduct.errors import JaxInductError
 from jaxinduct.probes import ProbeConfig, Probes, make_probes
-from jaxinduct.scores.batched import ScoreResults, score_all
+from jaxinduct.scores.batched import PUBLIC_SCORE_NAMES, SCORES_VERSION, ScoreResults, score_all
 from jaxinduct.sources import CheckpointSource, LoadedCheckpoint, open_source, select_steps
 from jaxinduct.store import CheckpointScores, ResultStore
 from jaxinduct.weights import ModelSpec, Weights, expected_shapes, make_weights
@@ -167,8 +167,6 @@ def load_dataset(path: str | None) -> np.ndarray | None:
 
 def probe_identity(probes: Probes, scores: tuple[str, ...] | None) -> tuple[str, str]:
     """(hash, JSON) identifying the results: the probes and which scores are kept."""
-    from jaxinduct.scores.batched import SCORES_VERSION
-
     config = dataclasses.asdict(probes.config)
     record = {
         "probes": config,
@@ -210,9 +208,13 @@ def _local_rows(mesh: Mesh, batch: int) -> list[int]:
     return rows
 
 
-def place_batch(local: Sequence[Weights], spec: ModelSpec, mesh: Mesh, batch: int) -> Weights:
-    """Stack this process's rows on the host and assemble the global [K, ...] batch on the mesh."""
-    shardings = weight_shardings(spec, mesh)
+def place_batch(
+    local: Sequence[Weights], spec: ModelSpec, shardings: dict[str, NamedSharding], batch: int
+) -> Weights:
+    """Stack this process's rows on the host and assemble the global [K, ...] batch on the mesh.
+
+    shardings: `weight_shardings(spec, mesh)`, computed once per scan.
+    """
     arrays = {}
     for name in expected_shapes(spec):
         stacked = np.stack([np.asarray(getattr(w, name), np.float32) for w in local])
@@ -279,8 +281,6 @@ def _probe_config_for(options: ScanOptions) -> ProbeConfig:
 def _check_score_names(scores: tuple[str, ...] | None) -> None:
     if not scores:
         return
-    from jaxinduct.scores.batched import PUBLIC_SCORE_NAMES
-
     unknown = sorted(set(scores) - PUBLIC_SCORE_NAMES)
     if unknown:
         raise ScanError(f"--scores: unknown score names {unknown}; known: {', '.join(sorted(PUBLIC_SCORE_NAMES))}")
@@ -367,6 +367,7 @@ def _run_batches(
     per_pass = resolve_per_pass(options.per_pass, plan.mesh, plan.batch)
     local_rows = _local_rows(plan.mesh, plan.batch)
     padding = make_weights_skeleton(plan.spec)
+    shardings = weight_shardings(plan.spec, plan.mesh)
     progress = _Progress(len(plan.todo), enabled=options.progress and jax.process_index() == 0)
     started = time.perf_counter()
     batches = list(_batches(plan.todo, plan.batch))
@@ -384,7 +385,7 @@ def _run_batches(
             local = [loads[r][0].weights if r in loads and loads[r][0] is not None else padding for r in local_rows]
             local_ok = np.array([r in loads and loads[r][0] is not None for r in local_rows], bool)
             compute_start = time.perf_counter()
-            placed = place_batch(local, plan.spec, plan.mesh, plan.batch)
+            placed = place_batch(local, plan.spec, shardings, plan.batch)
             results = gather_results(score_all(placed, plan.probes, checkpoints_per_pass=per_pass))
             compute = time.perf_counter() - compute_start
             if index == 0:

@@ -64,17 +64,6 @@ class CheckpointSource(Protocol):
         """The architecture, from metadata only."""
         ...
 
-    def _reader(self, step: int) -> ocp.CheckpointManager:
-        """This thread's reader of params and meta items (created once, reloaded for new steps)."""
-        manager = getattr(self._readers, "manager", None)
-        if manager is None:
-            manager = ocp.CheckpointManager(self.directory, options=reader_options(), item_names=(PARAMS, META))
-            self._readers.manager = manager
-            self._open_readers.append(manager)  # list.append is atomic: safe from loader threads
-        elif step not in manager.all_steps():
-            manager.reload()  # a live run saved it after this reader listed the directory
-        return manager
-
     def load(self, step: int) -> LoadedCheckpoint: ...
 
     def close(self) -> None:
@@ -220,10 +209,14 @@ class OrbaxSource:
 
     def _reader(self, step: int) -> ocp.CheckpointManager:
         """This thread's reader of params and meta items (created once, reloaded for new steps)."""
-        manager = getattr(self._readers, "manager", None)
+        return self._thread_reader("manager", step, lambda: dict(item_names=(PARAMS, META)))
+
+    def _thread_reader(self, key: str, step: int, items: Callable[[], dict[str, Any]]) -> ocp.CheckpointManager:
+        """This thread's CheckpointManager under ``key``, created with ``items()`` on first use."""
+        manager = getattr(self._readers, key, None)
         if manager is None:
-            manager = ocp.CheckpointManager(self.directory, options=reader_options(), item_names=(PARAMS, META))
-            self._readers.manager = manager
+            manager = ocp.CheckpointManager(self.directory, options=reader_options(), **items())
+            setattr(self._readers, key, manager)
             self._open_readers.append(manager)  # list.append is atomic: safe from loader threads
         elif step not in manager.all_steps():
             manager.reload()  # a live run saved it after this reader listed the directory
@@ -232,15 +225,8 @@ class OrbaxSource:
     def _mapped_reader(self, step: int) -> ocp.CheckpointManager:
         """This thread's reader of the mapping's item (any tree, restored with the standard handler)."""
         assert self.mapping is not None
-        manager = getattr(self._readers, "mapped", None)
-        if manager is None:
-            handlers = {self.mapping.item: ocp.StandardCheckpointHandler()}
-            manager = ocp.CheckpointManager(self.directory, options=reader_options(), item_handlers=handlers)
-            self._readers.mapped = manager
-            self._open_readers.append(manager)
-        elif step not in manager.all_steps():
-            manager.reload()
-        return manager
+        handlers = {self.mapping.item: ocp.StandardCheckpointHandler()}
+        return self._thread_reader("mapped", step, lambda: dict(item_handlers=handlers))
 
     def _mapped_metadata(self, step: int) -> Any:
         """The mapping item's tree of array metadata (shapes, dtypes); no array is read."""
@@ -320,6 +306,7 @@ class HFSource:
     directory: Path
     description: str
     single: bool
+    _first_spec: ModelSpec | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def detect(cls, directory: Path) -> HFSource | None:
@@ -360,8 +347,9 @@ class HFSource:
 
         path = self._revisions()[step]
         weights = load_hf_weights(path)
-        first = self.spec()
-        if weights.spec != first:
+        if self._first_spec is None:  # read once: every revision is checked against it
+            self._first_spec = self.spec()
+        if weights.spec != self._first_spec:
             raise SourceError(f"{path}: its config.json describes another architecture than the first revision's")
         return LoadedCheckpoint(step=step, weights=weights, tokens_seen=None)
 
