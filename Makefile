@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine with only Python:
-#   make demo   train the quickstart model, scan its trajectory, show the induction heads that formed
+#   make demo   train the quickstart model, scan its trajectory, show the induction heads, write a report
 #   make test   install what the tests need and run them (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv

@@ -8,7 +8,9 @@ committed step, on probes that the trainer never saw. Prints the curve and check
   - training finishes within 6 minutes (on the 2-core CPU the project targets);
   - at least 40 committed Orbax steps;
   - some head in layer >= 1 goes from prefix_matching < 0.15 at the first step to
-    > 0.6 at the last.
+    > 0.6 at the last;
+  - phase-change detection (jaxinduct.phase) on this curve's max over heads finds an
+    interval that holds the first step where a head exceeds 0.5.
 
 Usage: python bench/quickstart_phase_change.py [--preset quickstart] [--out DIR] [--examples 32]
 Exit status 1 if a check fails.
@@ -30,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
+from jaxinduct.phase import detect_phase_change  # noqa: E402
 from jaxinduct.probes import default_token_pool, repeated_random_tokens  # noqa: E402
 from jaxinduct.scores.batched import head_prefix_matching  # noqa: E402
 from jaxinduct.trajectory import restore_weights  # noqa: E402
@@ -101,6 +104,7 @@ def report(out: Path, train_seconds: float, n_examples: int) -> int:
     offset_free = [(layer, head) for layer, head, _, _ in formed if last_other[layer, head] > END_ABOVE]
     strongest = max(range(spec.n_heads), key=lambda h: last[-1, h])
     crossing = next((step for step, _, _, pm in rows if pm[1:].max() > 0.5), None)
+    found = detect_phase_change(np.array(steps), {"max_prefix_matching": np.array([pm.max() for _, _, _, pm in rows])})
 
     checks = [
         (f"training wall time {train_seconds:.0f} s <= {TIME_LIMIT_S} s", train_seconds <= TIME_LIMIT_S),
@@ -114,6 +118,10 @@ def report(out: Path, train_seconds: float, n_examples: int) -> int:
             f"{len(offset_free)} of them also score > {END_ABOVE} with block length 17 instead of 25 (no fixed offset): "
             + ", ".join(f"L{layer}H{head} {last_other[layer, head]:.2f}" for layer, head in offset_free),
             bool(offset_free),
+        ),
+        (
+            f"detected phase change {'none' if found is None else f'{found.start}-{found.end}'} holds step {crossing}",
+            found is not None and crossing is not None and found.start <= crossing <= found.end,
         ),
     ]
     print(f"\nfirst step where a layer >= 1 head exceeds 0.5: {crossing}; strongest last-step head L{spec.n_layers - 1}H{strongest}")

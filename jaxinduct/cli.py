@@ -105,6 +105,16 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from jaxinduct.report import write_report
+    from jaxinduct.store import ResultStore
+
+    with ResultStore.open(args.store, create=False, readonly=True) as store:
+        report = write_report(store, args.out, run=args.run)
+    print(report.describe())
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from jaxinduct.store import ResultStore, export
 
@@ -204,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--top", type=int, default=10, help="how many heads (default 10)")
     show.set_defaults(func=_show)
 
+    report = sub.add_parser(
+        "report",
+        help="draw a store's runs as figures (PNG) and an HTML page",
+        description="Figures of each run (phase change, head maps, copying vs prefix matching, "
+        "K-composition, per-token loss, ablations, verdicts) and DIR/index.html embedding them. "
+        "Reads the store only; the page needs no network.",
+    )
+    report.add_argument("--store", required=True)
+    report.add_argument("--run", help="only this run (default: every run in the store)")
+    report.add_argument("--out", required=True, metavar="DIR", help="output directory (created; its report files are replaced)")
+    report.set_defaults(func=_report)
+
     export = sub.add_parser("export", help="write a store's scores as CSV or Parquet")
     export.add_argument("--store", required=True)
     export.add_argument("--table", required=True, choices=["heads", "pairs", "model"])
@@ -227,10 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = sub.add_parser(
         "quickstart",
-        help="train the quickstart model, scan its trajectory and show the induction heads",
+        help="train the quickstart model, scan its trajectory, show the induction heads, write a report",
         description="The built-in default job: trains the quickstart preset into DIR/trajectory "
         "(about 3 minutes on 2 CPU cores), scans every checkpoint into DIR/results.sqlite and "
-        "shows the heads that became induction heads. Re-running resumes both steps.",
+        "shows the heads that became induction heads, then writes a report (DIR/report/index.html). "
+        "Re-running resumes training and scanning.",
     )
     quick.add_argument("--out", default="runs/quickstart", help="output directory (default runs/quickstart)")
     quick.add_argument("--no-progress", action="store_true")

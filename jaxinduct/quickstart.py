@@ -2,8 +2,9 @@
 
 Train the quickstart preset (a 2-layer attention-only model on tiled random blocks, in
 which induction heads form within a few hundred steps), scan every checkpoint of its
-trajectory with every score, and show the heads that became induction heads. Each stage
-resumes: re-running after an interruption continues training and scanning where they
+trajectory with every score, show the heads that became induction heads, and write the
+report (figures and an HTML page) into DIR/report. Training and scanning each
+resume: re-running after an interruption continues training and scanning where they
 stopped.
 """
 
@@ -15,12 +16,13 @@ import numpy as np
 
 from jaxinduct.data import TiledBlocks
 from jaxinduct.probes import ProbeConfig
+from jaxinduct.report import write_report
 from jaxinduct.scan import ScanOptions, scan
 from jaxinduct.show import render_show
 from jaxinduct.store import ResultStore
 from jaxinduct.train import get_preset, train
 
-TRAJECTORY, STORE, DATASET = "trajectory", "results.sqlite", "icl_dataset.npy"
+TRAJECTORY, STORE, DATASET, REPORT = "trajectory", "results.sqlite", "icl_dataset.npy", "report"
 # The quickstart context is 128 tokens, too short for Olsson's indices 500 and 50.
 ICL_LATE, ICL_EARLY, DATASET_EXAMPLES = 100, 10, 16
 
@@ -38,20 +40,23 @@ def quickstart_dataset(seed: int = 10_000) -> np.ndarray:
 def quickstart(out: str | Path, *, progress: bool = True) -> int:
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"1/3 training the quickstart model into {out / TRAJECTORY}", flush=True)
+    print(f"1/4 training the quickstart model into {out / TRAJECTORY}", flush=True)
     result = train(get_preset("quickstart"), out / TRAJECTORY, progress=progress)
     print(f"    {len(result.steps_saved)} checkpoints, steps {result.steps_saved[0]}..{result.steps_saved[-1]}")
     np.save(out / DATASET, quickstart_dataset())
-    print(f"2/3 scanning every checkpoint into {out / STORE}", flush=True)
+    print(f"2/4 scanning every checkpoint into {out / STORE}", flush=True)
     options = ScanOptions(
         source=str(out / TRAJECTORY), store=str(out / STORE), run="quickstart", dataset=str(out / DATASET),
         probe=ProbeConfig(icl_late=ICL_LATE, icl_early=ICL_EARLY), progress=progress,
     )  # fmt: skip
     summary = scan(options)
     print("    " + summary.describe().replace("\n", "\n    "))
-    print("3/3 the heads that became induction heads:\n", flush=True)
+    print("3/4 the heads that became induction heads:\n", flush=True)
     with ResultStore.open(out / STORE, create=False, readonly=True) as store:
         print(render_show(store, run="quickstart", metric="prefix_matching", top=8).rstrip())
+        print(f"\n4/4 writing the report into {out / REPORT}", flush=True)
+        report = write_report(store, out / REPORT, run="quickstart")
+    print(f"    open {report.index.resolve()}")
     print(f"\nexplore: jaxinduct show --store {out / STORE} --metric copying")
     print(f"         jaxinduct export --store {out / STORE} --table heads --format csv --out heads.csv")
     return 1 if summary.failed else 0

@@ -12,7 +12,8 @@ Data flow (docs/DESIGN: discovery -> adapter -> batcher -> placement -> kernels 
 3. placement: a Mesh with axes (ckpt, head); every leaf sharded along ckpt and, for the
    per-head leaves, along head;
 4. kernels: `score_all` (one jit + vmap);
-5. store: one transaction per batch (process 0 only).
+5. store: one transaction per batch (process 0 only); after the last, the run's phase
+   change is detected again from everything stored (`jaxinduct.phase`).
 
 Under ``jax.distributed`` (several processes, one per host), each process restores only
 the rows of a batch that live on its own devices, the global batch is assembled from
@@ -38,6 +39,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinduct.errors import JaxInductError
+from jaxinduct.phase import update_phase_change
 from jaxinduct.probes import ProbeConfig, Probes, make_probes
 from jaxinduct.scores.batched import PUBLIC_SCORE_NAMES, SCORES_VERSION, ScoreResults, score_all
 from jaxinduct.sources import CheckpointSource, LoadedCheckpoint, open_source, select_steps
@@ -89,6 +91,7 @@ class ScanSummary:
     seconds: float = 0.0
     compile_seconds: float = 0.0
     failures: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    phase_change: str | None = None  # the run's detected phase change after this scan, described
 
     def describe(self) -> str:
         lines = [
@@ -101,6 +104,8 @@ class ScanSummary:
         else:
             lines.append("nothing to scan: every selected checkpoint is already in the store")
         lines += [f"  step {step} failed: {error.splitlines()[0]}" for step, error in self.failures[:5]]
+        if self.phase_change is not None:
+            lines.append(f"phase change: {self.phase_change}")
         return "\n".join(lines)
 
 
@@ -165,8 +170,11 @@ def load_dataset(path: str | None) -> np.ndarray | None:
         raise ScanError(f"--dataset {file} is not a readable .npy array ({e})") from e
 
 
-def probe_identity(probes: Probes, scores: tuple[str, ...] | None) -> tuple[str, str]:
-    """(hash, JSON) identifying the results: the probes and which scores are kept."""
+def probe_identity(
+    probes: Probes, scores: tuple[str, ...] | None, mapping_digest: str | None = None
+) -> tuple[str, str]:
+    """(hash, JSON) identifying the results: the probes, which scores are kept and, for a
+    source read through a mapping (`jaxinduct.mapping.Mapping.digest`), the mapping."""
     config = dataclasses.asdict(probes.config)
     record = {
         "probes": config,
@@ -174,6 +182,8 @@ def probe_identity(probes: Probes, scores: tuple[str, ...] | None) -> tuple[str,
         "scores": sorted(scores) if scores else "all",
         "scores_version": SCORES_VERSION,
     }
+    if mapping_digest is not None:  # absent without a mapping: unmapped hashes stay as they were
+        record["mapping"] = mapping_digest
     text = json.dumps(record, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16], text
 
@@ -300,7 +310,8 @@ def prepare(options: ScanOptions, *, wait_for_steps: bool = False) -> tuple[_Pre
         raise ScanError(f"{options.source} has no committed checkpoint yet")
     check_head_axis(spec, mesh)
     probes = make_probes(spec, _probe_config_for(options), dataset=dataset)
-    probe_hash, probe_json = probe_identity(probes, options.scores)
+    mapping = getattr(source, "mapping", None)  # a corrected mapping must not read as already scanned
+    probe_hash, probe_json = probe_identity(probes, options.scores, None if mapping is None else mapping.digest())
     run = options.run or Path(options.source).expanduser().resolve().name
 
     def open_store() -> ResultStore | None:
@@ -339,7 +350,13 @@ def scan(options: ScanOptions, *, on_batch: Callable[[list[int]], None] | None =
             todo = [s for s in plan.todo if s not in done]
         plan.todo = _broadcast_steps(todo)
         plan.already_done = plan.selected - len(plan.todo)
-        return _run_batches(plan, store, options, on_batch)
+        summary = _run_batches(plan, store, options, on_batch)
+        if store is not None:
+            # After the batches, in its own transaction: a kill before it leaves the previous
+            # detection in place, and the next scan (or watch poll) redoes it.
+            found = update_phase_change(store, plan.run, plan.probe_hash)
+            summary.phase_change = "none found" if found is None else found.describe()
+        return summary
     finally:
         plan.source.close()
         if store is not None:

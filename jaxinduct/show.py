@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxinduct.phase import PHASE_METRICS  # model-level rows whose value is a step
 from jaxinduct.store import CheckpointRecord, ResultStore, StoreError
 
 DEFAULT_METRIC = "prefix_matching"
@@ -41,7 +42,6 @@ CONTEXT_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 VERDICT_COLUMNS: tuple[tuple[str, str], ...] = (("induction_behaviour", "behav"), ("induction_mechanism", "mech"))
 MODEL_METRICS = ("icl_score", "induction_loss")  # always listed, "-" when the scan did not compute them
-PHASE_METRICS = ("phase_change_start", "phase_change_end")  # model-level rows whose value is a step
 _GAP = "  "  # between table columns
 
 

@@ -598,6 +598,31 @@ class ResultStore:
             )
         return to_mark
 
+    def replace_run_results(
+        self, run: str, probe_hash: str, step: int, metrics: Sequence[str], values: Mapping[str, float]
+    ) -> None:
+        """Replace a run's analysis results (model-level rows about the whole run, such as the
+        detected phase change): every row of ``metrics`` goes, ``values`` are written at ``step``.
+
+        ``step`` is the last step the analysis saw, a done checkpoint; ``values`` may be empty
+        (the analysis found nothing, so nothing stale remains).
+        """
+        unknown = set(values) - set(metrics)
+        if unknown:
+            raise ValueError(f"values for metrics not being replaced: {sorted(unknown)}")
+        with self._transaction() as conn:
+            self._require_known(conn, run, probe_hash)
+            if values and step not in self._done_steps(conn, run, probe_hash):
+                raise StoreError(f"{self.path}: step {step} of run {run!r} is not a done checkpoint.")
+            conn.executemany(
+                "DELETE FROM model_scores WHERE run = ? AND probe_hash = ? AND metric = ?",
+                [(run, probe_hash, m) for m in metrics],
+            )
+            conn.executemany(
+                "INSERT INTO model_scores (run, probe_hash, step, metric, value) VALUES (?, ?, ?, ?, ?)",
+                [(run, probe_hash, step, m, float(v)) for m, v in values.items()],
+            )
+
     # --- reading -----------------------------------------------------------------------------
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""A regression test for an XLA:CPU hang that jaxinduct works around (jaxinduct/__init__.py).
+"""Regression tests for XLA:CPU hangs that jaxinduct works around (jaxinduct/__init__.py, scores/batched.py).
 
 Run in a fresh process, because XLA reads its flags once, when the backend starts.
 """
@@ -25,4 +25,32 @@ print("ok")
 
 def test_repeated_score_all_on_the_cpu_backend_returns():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+SHARDED_SCRIPT = """
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+import jaxinduct
+from jaxinduct.probes import ProbeConfig, make_probes
+from jaxinduct.scan import parse_mesh, place_batch, weight_shardings
+from jaxinduct.scores.batched import score_all
+from jaxinduct.train import get_preset
+from jaxinduct.weights import init_random_weights
+
+spec = get_preset("quickstart").model
+probes = make_probes(spec, ProbeConfig())
+placed = place_batch([init_random_weights(spec, i) for i in range(2)], spec, weight_shardings(spec, parse_mesh(None)), 2)
+for per_pass in (None, 1):  # left to the partitioner, both hung here on jaxlib 0.10.2
+    for _ in range(2):
+        jax.device_get(score_all(placed, probes, checkpoints_per_pass=per_pass))
+print("ok")
+"""
+
+
+def test_score_all_sharded_over_two_cpu_devices_returns():
+    # The quickstart model's eigenvalue step, gathered across CPU devices by the SPMD
+    # partitioner, deadlocked the runtime (every thread idle); score_all now runs each
+    # device's checkpoints in shard_map (jaxinduct/scores/batched.py).
+    done = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

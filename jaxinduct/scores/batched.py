@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
 from jaxinduct.forward import ForwardOutput, forward
@@ -346,8 +347,7 @@ def _checkpoint_scores(weights: Weights, probes: ProbeArrays, config: ProbeConfi
     return ScoreResults(head=head, pair=pair, model=model, curve=curve, head_curve=head_curve)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass"))
-def _score_all(
+def _score_checkpoints(
     weights: Weights, probes: ProbeArrays, config: ProbeConfig, checkpoints_per_pass: int | None
 ) -> ScoreResults:
     def one(w: Weights) -> ScoreResults:
@@ -357,6 +357,71 @@ def _score_all(
         return jax.vmap(one)(weights)
     # vmap within chunks, scan across them: the working set is that of one chunk.
     return jax.lax.map(one, weights, batch_size=checkpoints_per_pass)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass"))
+def _score_all(
+    weights: Weights, probes: ProbeArrays, config: ProbeConfig, checkpoints_per_pass: int | None
+) -> ScoreResults:
+    return _score_checkpoints(weights, probes, config, checkpoints_per_pass)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass", "mesh", "axis", "manual"))
+def _score_all_per_device(
+    weights: Weights,
+    probes: ProbeArrays,
+    config: ProbeConfig,
+    checkpoints_per_pass: int | None,
+    mesh: Mesh,
+    axis: str,
+    manual: frozenset[str],
+) -> ScoreResults:
+    """_score_all with each device scoring its own checkpoints: no collective on the ckpt axis.
+
+    Checkpoints are independent, but left to the SPMD partitioner the program is not:
+    the eigenvalue step (a LAPACK call or a host callback, neither partitionable) and a
+    chunked lax.map over a sharded axis are gathered across devices, and on jaxlib
+    0.10's CPU runtime those collectives deadlock next to the rest of the program (the
+    quickstart model on 2 CPU devices hangs; tests/test_cpu_runtime.py). shard_map makes
+    the ckpt axis manual, so each device runs the per-checkpoint program on its slice.
+    ``manual``: every mesh axis when the others have one device each (host callbacks,
+    the TPU eigenvalue path, need that), else the ckpt axis alone, the head axis staying
+    with the partitioner.
+    """
+    specs = (jax.tree.map(lambda _: PartitionSpec(axis), weights), jax.tree.map(lambda _: PartitionSpec(), probes))
+    local = functools.partial(_score_checkpoints, config=config, checkpoints_per_pass=checkpoints_per_pass)
+    per_device = jax.shard_map(
+        local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(axis), axis_names=manual, check_vma=False
+    )
+    return per_device(weights, probes)
+
+
+def _checkpoint_axis(weights: Weights) -> tuple[Mesh, str, frozenset[str]] | None:
+    """(mesh, ckpt axis name, manual axes) when the ckpt axis of ``weights`` is sharded
+    over several devices and each device can score its own checkpoints; else None.
+
+    Every mesh axis is manual unless another axis (head) has several devices on a GPU,
+    where the head axis stays with the partitioner (jnp.linalg.eigvals partitions by
+    gathering, which GPU collectives handle). On CPU a head axis is then replicated: each
+    device scores whole checkpoints (a CPU has no memory limit that head sharding would
+    lift). On TPU, whose eigenvalue host callback needs every axis manual, a head axis
+    leaves the program to the partitioner.
+    """
+    sharding = getattr(weights.W_E, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not sharding.spec or sharding.spec[0] is None:
+        return None
+    axis = sharding.spec[0]
+    mesh = sharding.mesh
+    if not isinstance(axis, str) or mesh.shape[axis] == 1:
+        return None
+    if all(size == 1 for name, size in mesh.shape.items() if name != axis):
+        return mesh, axis, frozenset(mesh.axis_names)
+    platform = mesh.devices.flat[0].platform
+    if platform == "gpu" or platform == "cuda" or platform == "rocm":
+        return mesh, axis, frozenset({axis})
+    if platform == "cpu":
+        return mesh, axis, frozenset(mesh.axis_names)
+    return None
 
 
 # Bumped whenever a definition changes what a score's number is: part of the results'
@@ -385,7 +450,8 @@ def score_all(weights: Weights, probes: Probes, *, checkpoints_per_pass: int | N
     """Every score for every head (and head pair) of ckpt-stacked Weights, in one pass.
 
     ``weights`` carries a leading ckpt axis (`stack_weights`); it may be sharded over
-    devices along that axis, and the result is sharded the same way. Compiled once per
+    devices along that axis (a NamedSharding), and the result is sharded the same way;
+    each device then scores its own checkpoints (`_score_all_per_device`). Compiled once per
     (model spec, number of checkpoints, probe shapes and config, sharding,
     checkpoints_per_pass).
 
@@ -395,4 +461,8 @@ def score_all(weights: Weights, probes: Probes, *, checkpoints_per_pass: int | N
     """
     if checkpoints_per_pass is not None and (not isinstance(checkpoints_per_pass, int) or checkpoints_per_pass < 1):
         raise ValueError(f"checkpoints_per_pass must be a positive integer or None, got {checkpoints_per_pass}")
-    return _score_all(weights, ProbeArrays.from_probes(probes), probes.config, checkpoints_per_pass)
+    arrays = ProbeArrays.from_probes(probes)
+    sharded = _checkpoint_axis(weights)
+    if sharded is None:
+        return _score_all(weights, arrays, probes.config, checkpoints_per_pass)
+    return _score_all_per_device(weights, arrays, probes.config, checkpoints_per_pass, *sharded)

@@ -35,17 +35,21 @@ def _mm(*factors: Array) -> Array:
 def eigenvalues(matrix: Float[Array, "n n"], *, on_host: bool | None = None) -> Complex[Array, " n"]:
     """Eigenvalues of a small non-symmetric matrix, on any backend.
 
-    CPU and GPU lower jnp.linalg.eigvals; TPU has no eig lowering, so there the
-    (d_head x d_head) matrix goes to the host and numpy computes the spectrum. The
-    choice is made when the program is lowered for its platform (lax.platform_dependent),
-    not from the machine that traces it, so a TPU program compiled ahead of time on a
-    CPU host gets the host path. on_host: force one path (for tests).
+    GPU lowers jnp.linalg.eigvals. TPU has no eig lowering, and on CPU jaxlib 0.10's
+    LAPACK geev call hung the runtime when several CPU devices ran it at once (the
+    quickstart model on 2 devices; tests/test_cpu_runtime.py); on both the (d_head x
+    d_head) matrices go to the host, where numpy computes the spectra, one callback per
+    compiled batch. The choice is made when the program is lowered for its platform
+    (lax.platform_dependent), not from the machine that traces it, so a TPU program
+    compiled ahead of time on a CPU host gets the host path. on_host: force one path (for
+    tests). Neither path can be partitioned: sharded programs run it per device
+    (`batched._score_all_per_device`).
     """
     if on_host is True:
         return _host_eigenvalues(matrix)
     if on_host is False:
         return jnp.linalg.eigvals(matrix)
-    return jax.lax.platform_dependent(matrix, default=jnp.linalg.eigvals, tpu=_host_eigenvalues)
+    return jax.lax.platform_dependent(matrix, default=jnp.linalg.eigvals, cpu=_host_eigenvalues, tpu=_host_eigenvalues)
 
 
 def _host_eigenvalues(matrix: Float[Array, "n n"]) -> Complex[Array, " n"]:
