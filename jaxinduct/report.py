@@ -142,6 +142,12 @@ def load_run(store: ResultStore, name: str, source: str) -> RunData | None:
 
 def _step_axis(ax, data: RunData, *, tokens: bool) -> None:
     """Log-scaled step axis that keeps step 0 (symlog, linear below the first positive step)."""
+    if len(data.steps) == 1:  # one checkpoint: a plain axis around it, its step as the only tick
+        step = int(data.steps[0])
+        ax.set_xlim(step - 1, step + 1)
+        ax.set_xticks([step])
+        ax.set_xlabel("training step (one checkpoint so far)")
+        return
     positive = data.steps[data.steps > 0]
     ax.set_xscale("symlog", linthresh=float(positive[0]) if len(positive) else 1.0, linscale=0.5)
     ax.set_xlim(data.steps[0], data.steps[-1] * 1.05 if data.steps[-1] > 0 else 1)
@@ -180,7 +186,7 @@ def _per_head_lines(ax, data: RunData, grid: np.ndarray, *, legend_title: str | 
             ax.plot(data.steps, values, color=colours[(layer, head)], lw=1.8, marker=".", ms=3,
                     label=_head_name(layer, head) if named else None, zorder=3)  # fmt: skip
         else:
-            ax.plot(data.steps, values, color="0.6", lw=0.7, alpha=0.7, zorder=2,
+            ax.plot(data.steps, values, color="0.6", lw=0.7, alpha=0.7, zorder=2, marker="." if len(values) == 1 else None,
                     label=None if grey_labelled else "other heads")  # fmt: skip
             grey_labelled = True
     ax.legend(fontsize=8, loc="best", ncols=2, title=legend_title, title_fontsize=8)

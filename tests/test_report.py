@@ -191,3 +191,17 @@ def test_cli_report_and_its_errors(tmp_path, capsys):
     ResultStore.open(empty).close()
     with ResultStore.open(empty, readonly=True) as store, pytest.raises(StoreError, match="empty"):
         write_report(store, tmp_path / "r4")
+
+
+@pytest.mark.parametrize("step", [0, 5])
+def test_a_run_with_one_checkpoint_is_reported(tmp_path, step):
+    path = tmp_path / "s.sqlite"
+    with ResultStore.open(path) as store:
+        store.ensure_run("live", "/src", json.dumps({}))
+        store.record_probe_config(HASH, json.dumps({}))
+        store.write_batch("live", HASH, [checkpoint(step)])
+    with ResultStore.open(path, readonly=True) as store:
+        report = write_report(store, tmp_path / "out")
+    assert "phase_change" in report.figures["live"] and "head_maps" in report.figures["live"]
+    text = report.index.read_text(encoding="utf-8")
+    assert "none found" in text and f"steps {step}..{step}" in text
