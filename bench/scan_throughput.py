@@ -35,10 +35,10 @@ import orbax.checkpoint as ocp  # noqa: E402
 
 from jaxinduct.probes import ProbeConfig, make_probes  # noqa: E402
 from jaxinduct.quickstart import ICL_EARLY, ICL_LATE, quickstart_dataset  # noqa: E402
-from jaxinduct.scan import ScanOptions, scan  # noqa: E402
+from jaxinduct.scan import ScanOptions, checkpoint_scores, gather_results, scan  # noqa: E402
 from jaxinduct.scores.batched import score_all  # noqa: E402
 from jaxinduct.sources import OrbaxSource, _restore_target  # noqa: E402
-from jaxinduct.store import CheckpointScores, ResultStore  # noqa: E402
+from jaxinduct.store import ResultStore  # noqa: E402
 from jaxinduct.train import get_preset, train  # noqa: E402
 from jaxinduct.trajectory import PARAMS, reader_options  # noqa: E402
 from jaxinduct.weights import stack_weights  # noqa: E402
@@ -59,13 +59,8 @@ def one_at_a_time(source: OrbaxSource, steps: list[int], probe: ProbeConfig, dat
         store.record_probe_config("loop", "{}")
         for step in steps:
             loaded = source.load(step)
-            results = jax.device_get(score_all(stack_weights([loaded.weights]), probes))
-            first = lambda group: {k: np.asarray(v)[0] for k, v in group.items()}  # noqa: E731
-            record = CheckpointScores(
-                step=step, tokens_seen=loaded.tokens_seen, head=first(results.head), pair=first(results.pair),
-                model={k: float(v[0]) for k, v in results.model.items()},
-                curve={**first(results.curve), **first(results.head_curve)},
-            )  # fmt: skip
+            results = gather_results(score_all(stack_weights([loaded.weights]), probes))
+            record = checkpoint_scores(results, 0, step, loaded.tokens_seen, 0.0, keep=lambda name: True)
             store.write_batch("loop", "loop", [record])
 
 
@@ -113,7 +108,7 @@ def main() -> None:
     loaded += [loaded[-1]] * (-len(loaded) % k)  # padded to whole batches, as the engine does
     batches = [stack_weights(loaded[i : i + k]) for i in range(0, len(loaded), k)]
     batch_probes = make_probes(source.spec(), probe, dataset=dataset)
-    engine_per_pass = resolve_per_pass(per_pass, mesh, k)
+    engine_per_pass = resolve_per_pass(per_pass, mesh)
     counter = iter(range(10**6))
     fresh = lambda: work / f"store-{next(counter)}.sqlite"  # noqa: E731
     sides = {

@@ -283,10 +283,14 @@ def _parse_rule(name: str, value: Any, where: str) -> TensorRule:
 # --- applying a mapping -------------------------------------------------------------------------
 
 
-def flatten_tree(tree: Any) -> dict[str, Any]:
-    """A nested tree's leaves by "a/0/b" path (the path spelling of `jaxinduct.sources`)."""
-    from jaxinduct.sources import _path  # imported here: jaxinduct.sources imports this module
+def _path(keys: tuple) -> str:
+    """A tree path as "a/0/b", whether list indices were saved as ints or as strings."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
 
+
+def flatten_tree(tree: Any) -> dict[str, Any]:
+    """A nested tree's leaves by "a/0/b" path: the path spelling of mappings and of the
+    sources' shape checks."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {_path(keys): leaf for keys, leaf in flat}
 

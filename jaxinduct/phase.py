@@ -53,14 +53,14 @@ class Signal:
     name: str
     direction: float  # +1: formation raises the series; -1: it lowers it
     min_jump: float  # in the series' own units
-    min_after: float | None = None  # the new level must reach this (oriented units), if set
+    reaches_verdict: bool = False  # the new level must reach DetectionConfig.formed_prefix
 
 
 # Orientation and minimum jumps: prefix matching is a share of attention (0.1 is ~3x the
 # random-model baseline of ~0.03); the losses are in nats (0.05 nats is well above their
 # checkpoint-to-checkpoint noise on the probe sets used here).
 SIGNALS: tuple[Signal, ...] = (
-    Signal("max_prefix_matching", +1.0, 0.1),
+    Signal("max_prefix_matching", +1.0, 0.1, reaches_verdict=True),
     Signal("icl_score", -1.0, 0.05),
     Signal("induction_loss", -1.0, 0.05),
 )
@@ -159,7 +159,7 @@ def fit_change(
     jump = b - a
     if gain < config.min_bic_gain or jump < signal.min_jump or jump < config.noise_multiple * _robust_noise(y):
         return None
-    if signal.min_after is not None and b < signal.min_after:
+    if signal.reaches_verdict and b < config.formed_prefix:
         return None
     # Each side must sit at its own level: a checkpoint nearer the other side's level is an
     # outlier; a few are tolerated, but a "level" made of one stray point is not a level.
@@ -168,12 +168,6 @@ def fit_change(
         return None
     d = signal.direction
     return Change(signal.name, int(steps[i]), int(steps[j]), a * d, b * d, gain)
-
-
-def _formation_signal(signal: Signal, config: DetectionConfig) -> Signal:
-    if signal.name == "max_prefix_matching" and signal.min_after is None:
-        return Signal(signal.name, signal.direction, signal.min_jump, config.formed_prefix)
-    return signal
 
 
 def detect_phase_change(
@@ -190,7 +184,7 @@ def detect_phase_change(
     changes = []
     for signal in signals:
         if signal.name in series:
-            change = fit_change(steps, series[signal.name], _formation_signal(signal, config), config)
+            change = fit_change(steps, series[signal.name], signal, config)
             if change is not None:
                 changes.append(change)
     if not changes:
@@ -209,9 +203,12 @@ def head_formations(
     config: DetectionConfig = DetectionConfig(),
 ) -> dict[tuple[int, int], Change]:
     """Each head's own formation: a rise of its prefix_matching to the verdict threshold."""
-    signal = Signal("prefix_matching", +1.0, SIGNALS[0].min_jump, config.formed_prefix)
+    signal = Signal("prefix_matching", +1.0, SIGNALS[0].min_jump, reaches_verdict=True)
+    # A head that never reaches the threshold cannot have formed: skip its (costlier) fit.
+    reached = np.nan_to_num(prefix_matching, nan=-np.inf).max(axis=0, initial=-np.inf) > config.formed_prefix
     found = {}
-    for layer, head in np.ndindex(*prefix_matching.shape[1:]):
+    for layer, head in zip(*np.nonzero(reached)):
+        layer, head = int(layer), int(head)
         change = fit_change(steps, prefix_matching[:, layer, head], signal, config)
         if change is not None:
             found[(layer, head)] = change

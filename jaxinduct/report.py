@@ -43,7 +43,8 @@ from matplotlib.patches import Patch
 
 from jaxinduct.probes import VerdictThresholds
 from jaxinduct.phase import Change, DetectionConfig, PhaseChange, RunSeries, detect_phase_change, head_formations, run_series
-from jaxinduct.store import CheckpointRecord, ResultStore, StoreError
+from jaxinduct.show import format_value, head_name, run_sources
+from jaxinduct.store import CheckpointRecord, ResultStore
 
 DPI = 110
 NOT_DEFINED_GREY = "0.82"  # cells and points whose score is not defined (NaN)
@@ -69,7 +70,9 @@ class RunData:
     source: str
     probe_hash: str
     records: list[CheckpointRecord]
+    thresholds: tuple[float, float]  # the behavioural verdict's (prefix_matching, copying)
     series: RunSeries
+    loss_curves: dict[int, np.ndarray]  # step -> per_token_loss by context index (model-level)
     grids: dict[str, np.ndarray]  # head metric -> [step, layer, head]
     phase: PhaseChange | None
     formations: dict[tuple[int, int], Change]
@@ -106,35 +109,30 @@ class RunData:
         return unique
 
 
-def _head_name(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
-
-
 def load_run(store: ResultStore, name: str, source: str) -> RunData | None:
     """The run's scores at its latest probe hash; None when it has no done checkpoint."""
     probe_hash = store.latest_probe_hash(name)
     if probe_hash is None:
         return None
-    formed_prefix = _thresholds(store, probe_hash)[0]
-    config = DetectionConfig(formed_prefix=formed_prefix)
+    thresholds = _thresholds(store, probe_hash)
+    config = DetectionConfig(formed_prefix=thresholds[0])
     series = run_series(store, name, probe_hash)
     grids = {"prefix_matching": series.prefix_matching}
     for metric in ("copying", "ov_copying", "induction_qk_positivity", "induction_behaviour",
                    "induction_mechanism", "ablation_icl_delta", "ablation_icl_delta_pattern_preserving"):  # fmt: skip
         grids[metric] = store.head_score_grid(name, metric, probe_hash=probe_hash)[1]
     phase = detect_phase_change(series.steps, series.series, config)
-    # Only heads that ever reach the threshold can form; fitting the others would be wasted time.
-    prefix = series.prefix_matching
-    candidates = np.zeros(prefix.shape[1:], bool) if prefix.size == 0 else np.nan_to_num(prefix, nan=-np.inf).max(0) > formed_prefix
-    masked = np.where(candidates[None], prefix, np.nan)
-    formations = head_formations(series.steps, masked, config) if candidates.any() else {}
+    formations = head_formations(series.steps, series.prefix_matching, config)
     flagged = set(formations)
     for verdict in ("induction_behaviour", "induction_mechanism"):
         grid = grids[verdict]
         if grid.size:
             flagged |= {(int(l), int(h)) for l, h in zip(*np.nonzero(np.nan_to_num(grid[-1]) > 0.5))}
     records = store.steps(name, probe_hash)
-    return RunData(name, source, probe_hash, records, series, grids, phase, formations, sorted(flagged))
+    curves = store.curves(name, "per_token_loss", probe_hash=probe_hash)
+    loss_curves = {c.step: c.values for c in curves if c.layer == -1}
+    return RunData(name, source, probe_hash, records, thresholds, series, loss_curves, grids, phase, formations,
+                   sorted(flagged))  # fmt: skip
 
 
 # --- figure helpers ---------------------------------------------------------------------------
@@ -184,7 +182,7 @@ def _per_head_lines(ax, data: RunData, grid: np.ndarray, *, legend_title: str | 
         if (layer, head) in highlighted:
             named = data.induction_heads.index((layer, head)) < MAX_NAMED_HEADS
             ax.plot(data.steps, values, color=colours[(layer, head)], lw=1.8, marker=".", ms=3,
-                    label=_head_name(layer, head) if named else None, zorder=3)  # fmt: skip
+                    label=head_name(layer, head) if named else None, zorder=3)  # fmt: skip
         else:
             ax.plot(data.steps, values, color="0.6", lw=0.7, alpha=0.7, zorder=2, marker="." if len(values) == 1 else None,
                     label=None if grey_labelled else "other heads")  # fmt: skip
@@ -202,7 +200,7 @@ def _head_ticks(ax, n_layers: int, n_heads: int, axis: str) -> None:
     set_ticks, set_labels = (ax.set_xticks, ax.set_xticklabels) if axis == "x" else (ax.set_yticks, ax.set_yticklabels)
     if n <= MAX_HEAD_TICKS:
         set_ticks(range(n))
-        set_labels([_head_name(l, h) for l in range(n_layers) for h in range(n_heads)], fontsize=7,
+        set_labels([head_name(l, h) for l in range(n_layers) for h in range(n_heads)], fontsize=7,
                    rotation=90 if axis == "x" else 0)  # fmt: skip
     else:
         set_ticks([l * n_heads + (n_heads - 1) / 2 for l in range(n_layers)])
@@ -317,7 +315,7 @@ def copying_vs_prefix_figure(data: RunData, path: Path, *, prefix_threshold: flo
         index = np.nonzero(~np.isnan(prefix[:, layer, head]) & ~np.isnan(copying[:, layer, head]))[0]
         if len(index):
             ax.scatter(prefix[index[-1], layer, head], copying[index[-1], layer, head], s=70, facecolors="none",
-                       edgecolors=colours[(layer, head)], linewidths=1.6, label=f"{_head_name(layer, head)} at the last step")  # fmt: skip
+                       edgecolors=colours[(layer, head)], linewidths=1.6, label=f"{head_name(layer, head)} at the last step")  # fmt: skip
     if data.induction_heads:
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xlabel("prefix matching")
@@ -360,15 +358,14 @@ def composition_figure(store: ResultStore, data: RunData, path: Path) -> Path | 
     return _save(fig, path)
 
 
-def per_token_loss_figure(store: ResultStore, data: RunData, path: Path) -> Path | None:
-    curves = [c for c in store.curves(data.name, "per_token_loss", probe_hash=data.probe_hash) if c.layer == -1]
-    if not curves:
+def per_token_loss_figure(data: RunData, path: Path) -> Path | None:
+    if not data.loss_curves:
         return None
-    length = max(len(c.values) for c in curves)
-    matrix = np.full((len(curves), length), np.nan)
-    for i, c in enumerate(curves):
-        matrix[i, : len(c.values)] = c.values
-    steps = [c.step for c in curves]
+    steps = sorted(data.loss_curves)
+    length = max(len(v) for v in data.loss_curves.values())
+    matrix = np.full((len(steps), length), np.nan)
+    for i, step in enumerate(steps):
+        matrix[i, : len(data.loss_curves[step])] = data.loss_curves[step]
     fig = Figure(figsize=(10, 4.8), layout="constrained")
     heat, lines = fig.subplots(1, 2, width_ratios=(1.4, 1))
     image = heat.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap=_colormap("viridis"), interpolation="nearest")
@@ -395,7 +392,7 @@ def per_token_loss_figure(store: ResultStore, data: RunData, path: Path) -> Path
     return _save(fig, path)
 
 
-def _phase_vector(store: ResultStore, data: RunData) -> np.ndarray | None:
+def _phase_vector(data: RunData) -> np.ndarray | None:
     """Unit vector of the per-token loss the phase change removed: before minus after it.
 
     Olsson's "first view": projecting a head's ablation (ablated minus clean loss) on it
@@ -403,7 +400,7 @@ def _phase_vector(store: ResultStore, data: RunData) -> np.ndarray | None:
     it gives the improvement back)."""
     if data.phase is None:
         return None
-    curves = {c.step: c.values for c in store.curves(data.name, "per_token_loss", probe_hash=data.probe_hash) if c.layer == -1}
+    curves = data.loss_curves
     before = [s for s in curves if s <= data.phase.start]
     after = [s for s in curves if s >= data.phase.end]
     if not before or not after:
@@ -432,7 +429,7 @@ def ablation_figure(store: ResultStore, data: RunData, path: Path) -> Path | Non
             panels.append((grid, title))
     if not panels:
         return None
-    direction = _phase_vector(store, data)
+    direction = _phase_vector(data)
     if direction is not None:
         projection = _ablation_projection(store, data, "ablation_per_token_loss_delta", direction)
         if not np.isnan(projection).all():
@@ -471,7 +468,7 @@ def verdicts_figure(data: RunData, path: Path) -> Path | None:
         classes[np.isnan(flat_b[:, flagged]) & np.isnan(flat_m[:, flagged])] = np.nan
         cmap = ListedColormap([c for _, c in VERDICT_CLASSES]).with_extremes(bad=NOT_DEFINED_GREY)
         ax.imshow(np.ma.masked_invalid(classes.T), cmap=cmap, vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest")
-        ax.set_yticks(range(len(flagged)), [_head_name(int(i) // n_heads, int(i) % n_heads) for i in flagged], fontsize=7)
+        ax.set_yticks(range(len(flagged)), [head_name(int(i) // n_heads, int(i) % n_heads) for i in flagged], fontsize=7)
         ticks = np.unique(np.linspace(0, len(data.steps) - 1, min(len(data.steps), 12)).round().astype(int))
         ax.set_xticks(ticks, [str(data.steps[t]) for t in ticks], fontsize=7)
         disagree = int(((classes == 1) | (classes == 2)).sum())
@@ -521,8 +518,9 @@ figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
 """
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+def _verdict(value: float | None) -> str:
+    """A 0/1 verdict as 0 or 1; not computed as "-"."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.0f}"
 
 
 def _value_at(grid: np.ndarray, index: int, layer: int, head: int) -> float | None:
@@ -542,8 +540,8 @@ def _summary_rows(data: RunData) -> list[tuple[str, str]]:
         values = data.series.series.get(metric)
         if values is not None and not np.isnan(values).all():
             ok = np.nonzero(~np.isnan(values))[0]
-            rows.append((metric, f"{_fmt(values[ok[0]])} at step {data.steps[ok[0]]} -> "
-                                 f"{_fmt(values[ok[-1]])} at step {data.steps[ok[-1]]}"))  # fmt: skip
+            rows.append((metric, f"{format_value(values[ok[0]])} at step {data.steps[ok[0]]} -> "
+                                 f"{format_value(values[ok[-1]])} at step {data.steps[ok[-1]]}"))  # fmt: skip
     return rows
 
 
@@ -556,10 +554,10 @@ def _head_table(data: RunData) -> str:
     for layer, head in data.induction_heads:
         formed = data.formations.get((layer, head))
         cells = [
-            _head_name(layer, head),
+            head_name(layer, head),
             "-" if formed is None else f"{formed.start}-{formed.end}",
-            *(_fmt(_value_at(data.grids[m], last, layer, head)) for m in ("prefix_matching", "copying", "ov_copying")),
-            *(_fmt(_value_at(data.grids[m], last, layer, head), 0) for m in ("induction_behaviour", "induction_mechanism")),
+            *(format_value(_value_at(data.grids[m], last, layer, head)) for m in ("prefix_matching", "copying", "ov_copying")),
+            *(_verdict(_value_at(data.grids[m], last, layer, head)) for m in ("induction_behaviour", "induction_mechanism")),
         ]
         lines.append("<tr>" + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells) + "</tr>")
     return "\n".join(lines + ["</table>"])
@@ -603,15 +601,15 @@ class Report:
         return text + "".join(f"\n  run {r!r} has no done checkpoint yet: not in the report" for r in self.skipped)
 
 
-def _run_figures(store: ResultStore, data: RunData, folder: Path, thresholds: tuple[float, float]) -> dict[str, Path]:
+def _run_figures(store: ResultStore, data: RunData, folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     makers: list[tuple[str, Callable[[Path], Path | None]]] = [
         ("phase_change", lambda p: phase_change_figure(data, p)),
         ("head_maps", lambda p: head_maps_figure(data, p)),
-        ("copying_vs_prefix", lambda p: copying_vs_prefix_figure(data, p, prefix_threshold=thresholds[0],
-                                                                  copying_threshold=thresholds[1])),  # fmt: skip
+        ("copying_vs_prefix", lambda p: copying_vs_prefix_figure(data, p, prefix_threshold=data.thresholds[0],
+                                                                  copying_threshold=data.thresholds[1])),  # fmt: skip
         ("composition", lambda p: composition_figure(store, data, p)),
-        ("per_token_loss", lambda p: per_token_loss_figure(store, data, p)),
+        ("per_token_loss", lambda p: per_token_loss_figure(data, p)),
         ("ablation", lambda p: ablation_figure(store, data, p)),
         ("verdicts", lambda p: verdicts_figure(data, p)),
     ]
@@ -635,27 +633,18 @@ def _thresholds(store: ResultStore, probe_hash: str) -> tuple[float, float]:
 
 def write_report(store: ResultStore, out: str | Path, *, run: str | None = None) -> Report:
     """Figures and index.html for ``run`` (every run if None) of ``store``, in ``out``."""
-    runs = store.runs()
-    if not runs:
-        raise StoreError(f"{store.path}: the results store is empty (no runs yet). "
-                         f"Fix: fill it with `jaxinduct scan SOURCE --store {store.path}` first.")  # fmt: skip
-    if run is not None:
-        if run not in [r.name for r in runs]:
-            known = ", ".join(repr(r.name) for r in runs)
-            raise StoreError(f"{store.path}: no run {run!r} in the results store; it has: {known}. "
-                             "Fix: pass one of them with --run, or leave --run out to report every run.")  # fmt: skip
-        runs = [r for r in runs if r.name == run]
+    runs = run_sources(store, run, "report")
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "index.html")
     sections, taken = [], set()
-    for record in runs:
-        data = load_run(store, record.name, record.source)
+    for name, source in runs:
+        data = load_run(store, name, source)
         if data is None:
-            report.skipped.append(record.name)
+            report.skipped.append(name)
             continue
-        figures = _run_figures(store, data, out / _slug(record.name, taken), _thresholds(store, data.probe_hash))
-        report.figures[record.name] = figures
+        figures = _run_figures(store, data, out / _slug(name, taken))
+        report.figures[name] = figures
         sections.append(_run_section(data, figures, out))
     if not sections:
         sections.append('<p class="note">No run has a done checkpoint yet.</p>')

@@ -140,7 +140,7 @@ def resolve_batch(batch: int | None, mesh: Mesh) -> int:
     return batch
 
 
-def resolve_per_pass(per_pass: int | None | str, mesh: Mesh, batch: int) -> int | None:
+def resolve_per_pass(per_pass: int | None | str, mesh: Mesh) -> int | None:
     if per_pass == "auto":
         return 2 if mesh.devices.flat[0].platform == "cpu" else None
     if per_pass is None:
@@ -296,18 +296,16 @@ def _check_score_names(scores: tuple[str, ...] | None) -> None:
         raise ScanError(f"--scores: unknown score names {unknown}; known: {', '.join(sorted(PUBLIC_SCORE_NAMES))}")
 
 
-def prepare(options: ScanOptions, *, wait_for_steps: bool = False) -> tuple[_Prepared, Callable[[], ResultStore | None]]:
+def prepare(options: ScanOptions) -> tuple[_Prepared, Callable[[], ResultStore | None]]:
     """Validate every option before the store is touched; return the plan and a store opener."""
-    source = open_source(options.source, allow_empty=wait_for_steps, mapping=options.mapping)
+    source = open_source(options.source, mapping=options.mapping)  # refuses a source with no committed step
     _check_score_names(options.scores)
     mesh = parse_mesh(options.mesh)
     batch = resolve_batch(options.batch, mesh)
     dataset = load_dataset(options.dataset)
     available = source.steps()
-    spec = source.spec() if available else None
-    selected = select_steps(options.steps, available) if available else []
-    if spec is None:  # a live run with nothing saved yet: the plan is made when steps appear
-        raise ScanError(f"{options.source} has no committed checkpoint yet")
+    spec = source.spec()
+    selected = select_steps(options.steps, available)
     check_head_axis(spec, mesh)
     probes = make_probes(spec, _probe_config_for(options), dataset=dataset)
     mapping = getattr(source, "mapping", None)  # a corrected mapping must not read as already scanned
@@ -381,7 +379,7 @@ def _run_batches(
 ) -> ScanSummary:
     summary = ScanSummary(plan.run, plan.probe_hash, plan.selected, plan.already_done)
     keep = _scores_filter(options.scores)
-    per_pass = resolve_per_pass(options.per_pass, plan.mesh, plan.batch)
+    per_pass = resolve_per_pass(options.per_pass, plan.mesh)
     local_rows = _local_rows(plan.mesh, plan.batch)
     padding = make_weights_skeleton(plan.spec)
     shardings = weight_shardings(plan.spec, plan.mesh)

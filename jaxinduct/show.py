@@ -68,7 +68,7 @@ def _format_step_value(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
 
 
-def _head_name(layer: int, head: int) -> str:
+def head_name(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
@@ -252,7 +252,7 @@ def head_columns(
     """Required columns (rank, head, metric, formed), then context and verdict columns present at the step."""
     columns = [
         Column("#", [str(i + 1) for i in range(len(heads))], optional=False),
-        Column("head", [_head_name(*lh) for lh in heads], optional=False, left=True),
+        Column("head", [head_name(*lh) for lh in heads], optional=False, left=True),
         Column(metric, [format_value(at_step[metric][lh]) for lh in heads], optional=False),
         Column("formed", [str(formed[lh]) if formed[lh] >= 0 else "-" for lh in heads], optional=False),
     ]
@@ -315,7 +315,7 @@ def _best(values: np.ndarray) -> tuple[float, str]:
     if np.isnan(values).all():
         return math.nan, ""
     layer, head = np.unravel_index(np.nanargmax(values), values.shape)
-    return float(values[layer, head]), _head_name(int(layer), int(head))
+    return float(values[layer, head]), head_name(int(layer), int(head))
 
 
 def trajectory_line(metric: str, steps: np.ndarray, grid: np.ndarray, step: int) -> str:
@@ -360,12 +360,14 @@ def render_run(
     return lines + (["", *failed] if failed else [])
 
 
-def _run_sources(store: ResultStore, run: str | None) -> list[tuple[str, str]]:
+def run_sources(store: ResultStore, run: str | None, command: str = "show") -> list[tuple[str, str]]:
+    """(name, source) of ``run``, or of every run if None; StoreError naming the fix for an
+    empty store or an unknown run (``command``: the verb the messages use)."""
     runs = store.runs()
     if not runs:
         raise StoreError(
             f"{store.path}: the results store is empty (no runs yet). "
-            f"Fix: fill it with `jaxinduct scan SOURCE --store {store.path}`, then show it."
+            f"Fix: fill it with `jaxinduct scan SOURCE --store {store.path}`, then {command} it."
         )
     if run is None:
         return [(r.name, r.source) for r in runs]
@@ -375,7 +377,7 @@ def _run_sources(store: ResultStore, run: str | None) -> list[tuple[str, str]]:
     known = ", ".join(repr(r.name) for r in runs)
     raise StoreError(
         f"{store.path}: no run {run!r} in the results store; it has: {known}. "
-        "Fix: pass one of them with --run, or leave --run out to show every run."
+        f"Fix: pass one of them with --run, or leave --run out to {command} every run."
     )
 
 
@@ -402,7 +404,7 @@ def render_show(
     if top < 1:
         raise StoreError(f"--top must be at least 1, got {top}.")
     width = _default_width() if width is None else width
-    runs = _run_sources(store, run)
+    runs = run_sources(store, run)
     sections: list[list[str]] = []
     errors: list[StoreError] = []
     for name, source in runs:

@@ -17,6 +17,7 @@ Layouts of an Orbax CheckpointManager directory, named by each step's ``meta`` i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -79,6 +80,14 @@ _ADAPTERS: dict[Layout, Callable[[ModelSpec, Any], Weights]] = {
 }
 
 
+@functools.cache
+def _abstract_target(layout: Layout, spec: ModelSpec) -> Any:
+    """A layout's params tree of ShapeDtypeStructs (cached: the NNX one traces the model)."""
+    if layout == Layout.NNX:
+        return abstract_nnx_params(spec)
+    return {name: jax.ShapeDtypeStruct(shape, np.float32) for name, shape in expected_shapes(spec).items()}
+
+
 def _restore_target(layout: Layout, spec: ModelSpec) -> Any:
     """A layout's params tree as numpy arrays of the right shapes: Orbax restores into numpy.
 
@@ -87,11 +96,8 @@ def _restore_target(layout: Layout, spec: ModelSpec) -> Any:
     the loader threads in the queue behind the running score computation (measured: it
     serialises loading with compute on the CPU backend) and is ~2.5x slower per restore.
     """
-    if layout == Layout.NNX:
-        tree = abstract_nnx_params(spec)
-    else:
-        tree = {name: jax.ShapeDtypeStruct(shape, np.float32) for name, shape in expected_shapes(spec).items()}
-    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), tree)
+    # Fresh arrays per call: each loader thread restores into its own.
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), _abstract_target(layout, spec))
 
 
 @dataclasses.dataclass
@@ -184,9 +190,8 @@ class OrbaxSource:
         handlers = {PARAMS: ocp.StandardCheckpointHandler()}
         with ocp.CheckpointManager(self.directory, options=reader_options(), item_handlers=handlers) as manager:
             stored = manager.item_metadata(step)[PARAMS]
-        expected = _restore_target(layout, spec)
-        flat_expected = {_path(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-        flat_stored = {_path(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        flat_expected = {k: tuple(v.shape) for k, v in flatten_tree(_abstract_target(layout, spec)).items()}
+        flat_stored = {k: tuple(v.shape) for k, v in flatten_tree(stored).items()}
         missing = sorted(set(flat_expected) - set(flat_stored))
         if missing:
             raise SourceError(f"step {step} of {self.directory}: params lack {missing[:5]}, which its spec requires")
@@ -268,11 +273,6 @@ class OrbaxSource:
         weights, meta = self.load_with_meta(step)
         tokens = meta.get("tokens_seen")
         return LoadedCheckpoint(step=step, weights=weights, tokens_seen=None if tokens is None else int(tokens))
-
-
-def _path(keys: tuple) -> str:
-    """A tree path as "a/0/b", whether list indices were saved as ints or as strings."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
 
 
 # --- Hugging Face model directories ------------------------------------------------------------

@@ -20,7 +20,7 @@ from jaxinduct.store import CheckpointScores, ResultStore
 
 # The quickstart's save schedule: dense early, every 20 steps to 800, then every 100.
 STEPS = np.array([0, 1, 2, 4, 8, 16, *range(20, 801, 20), 900, 1000, 1100, 1200])
-PREFIX = Signal("max_prefix_matching", +1.0, 0.1, 0.4)
+PREFIX = Signal("max_prefix_matching", +1.0, 0.1, reaches_verdict=True)  # default verdict threshold 0.4
 
 
 def step_series(at: int, before: float, after: float, steps: np.ndarray = STEPS) -> np.ndarray:

@@ -417,7 +417,7 @@ def _checkpoint_axis(weights: Weights) -> tuple[Mesh, str, frozenset[str]] | Non
     if all(size == 1 for name, size in mesh.shape.items() if name != axis):
         return mesh, axis, frozenset(mesh.axis_names)
     platform = mesh.devices.flat[0].platform
-    if platform == "gpu" or platform == "cuda" or platform == "rocm":
+    if platform in ("gpu", "cuda", "rocm"):
         return mesh, axis, frozenset({axis})
     if platform == "cpu":
         return mesh, axis, frozenset(mesh.axis_names)
