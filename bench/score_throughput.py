@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=64)
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (best is reported)")
-    parser.add_argument("--per-pass", type=int, nargs="*", default=[8, 2], help="checkpoints_per_pass values to time")
+    parser.add_argument("--per-pass", type=int, nargs="*", default=[8, 2, 1], help="checkpoints_per_pass values to time")
     parser.add_argument("--dataset-examples", type=int, default=0, help="add the dataset scores (0: probes only)")
     args = parser.parse_args()
 

@@ -156,7 +156,8 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, help="repeats of the block (default 4; probe = 1 + block-len x repeats)")
     parser.add_argument("--batch", type=int, help="checkpoints per batch, a multiple of the mesh's ckpt axis (default 8)")
     parser.add_argument("--mesh", help="device mesh 'ckpt=N,head=M' (default: every device on ckpt)")
-    parser.add_argument("--load-workers", type=int, default=4, help="threads restoring checkpoints (default 4)")
+    parser.add_argument("--load-workers", type=int, default=None,
+                        help="threads restoring checkpoints (default 4; on the CPU backend half the cores, at most 4)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
     parser.add_argument(
         "--mapping", metavar="FILE",

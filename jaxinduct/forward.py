@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,8 @@ class ForwardOutput(NamedTuple):
     # The final norm's normalising factor per position, 1 / sqrt(var + eps) (1 without a
     # norm): with it, a component's direct effect on the logits is linear in its output.
     final_scale: Float[Array, " seq"] | None = None
+    # reduce_patterns(pattern) of every layer, stacked on a leading layer axis.
+    pattern_summaries: Any = None
 
 
 def forward(
@@ -60,6 +62,7 @@ def forward(
     frozen_patterns: Float[Array, "layer head seq kv_seq"] | None = None,
     return_patterns: bool = False,
     return_head_outputs: bool = False,
+    reduce_patterns: Callable[[Pattern], Any] | None = None,
 ) -> ForwardOutput:
     """Logits (and optionally every layer's attention patterns) for one sequence.
 
@@ -70,6 +73,10 @@ def forward(
         clean patterns frozen).
     return_head_outputs: also return every head's output and the final norm's scale,
         for direct-logit-attribution scores (empirical copying).
+    reduce_patterns: a function of one layer's patterns [head, seq, kv_seq], applied
+        inside the layer loop; its results come back stacked over layers. Scores that
+        only need a summary of each pattern use it: the full patterns of every layer are
+        never stored, which on CPU halves the cost of a pattern-scoring pass.
     """
     spec = weights.spec
     _check_shapes(spec, tokens, head_mask, frozen_patterns)
@@ -92,13 +99,18 @@ def forward(
     def step(x, per_layer):
         params, mask, frozen = per_layer
         x, pattern, head_out = _block(spec, params, x, qk_offset, mask, frozen, return_head_outputs)
-        return x, (pattern if return_patterns else None, head_out)
+        summary = None if reduce_patterns is None else reduce_patterns(pattern)
+        return x, (pattern if return_patterns else None, head_out, summary)
 
-    residual, (patterns, head_outputs) = jax.lax.scan(step, residual, (layers, head_mask, frozen_patterns))
+    residual, (patterns, head_outputs, summaries) = jax.lax.scan(
+        step, residual, (layers, head_mask, frozen_patterns)
+    )
     final = _norm(spec, residual, weights.ln_final_w, weights.ln_final_b)
     logits = _einsum("sd,dv->sv", final, weights.W_U) + weights.b_U
     final_scale = _norm_scale(spec, residual) if return_head_outputs else None
-    return ForwardOutput(logits=logits, patterns=patterns, head_outputs=head_outputs, final_scale=final_scale)
+    return ForwardOutput(
+        logits=logits, patterns=patterns, head_outputs=head_outputs, final_scale=final_scale, pattern_summaries=summaries
+    )
 
 
 def _check_shapes(spec: ModelSpec, tokens: Array, head_mask: Array | None, frozen: Array | None) -> None:
@@ -162,10 +174,10 @@ def _attention(
     z = _einsum("hsk,khe->she", pattern, v)
     if mask is not None:
         z = z * mask.astype(z.dtype)[None, :, None]
-    if not per_head:
-        return _einsum("she,hed->sd", z, p["W_O"]) + p["b_O"], pattern, None
-    head_out = _einsum("she,hed->hsd", z, p["W_O"])
-    return head_out.sum(axis=0) + p["b_O"], pattern, head_out
+    out = _einsum("she,hed->sd", z, p["W_O"]) + p["b_O"]
+    # The layer's output is one contraction over heads either way: summing per-head outputs
+    # instead costs XLA:CPU several times as much.
+    return out, pattern, _einsum("she,hed->hsd", z, p["W_O"]) if per_head else None
 
 
 def _rotary(spec: ModelSpec, x: Float[Array, "seq head d_head"]) -> Float[Array, "seq head d_head"]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -70,10 +71,13 @@ class ScanOptions:
     batch: int | None = None  # K checkpoints per batch; default: DEFAULT_BATCH rounded to the mesh
     mesh: str | None = None  # "ckpt=N,head=M"; default: every device on ckpt
     probe: ProbeConfig = ProbeConfig()
-    load_workers: int = 4
+    # Threads restoring checkpoints; None: 4, or on the CPU backend half the cores (at most
+    # 4), since there the same cores also compute the scores and more restore threads only
+    # slow both down (measured on 2 cores: 1 thread 2.0 s, 4 threads 2.3 s per 50 checkpoints).
+    load_workers: int | None = None
     # Checkpoints computed at once inside a batch's compiled pass (score_all's
-    # checkpoints_per_pass): None vmaps the whole batch; "auto" picks 2 on CPU, where
-    # vmapping tiny per-checkpoint matmuls is slower than taking them a few at a time
+    # checkpoints_per_pass): None vmaps the whole batch; "auto" picks 1 on CPU, where
+    # vmapping tiny per-checkpoint matmuls is slower than taking them one at a time
     # (bench/score_throughput.py), and the whole batch on accelerators.
     per_pass: int | None | str = "auto"
     progress: bool = True
@@ -142,12 +146,22 @@ def resolve_batch(batch: int | None, mesh: Mesh) -> int:
 
 def resolve_per_pass(per_pass: int | None | str, mesh: Mesh) -> int | None:
     if per_pass == "auto":
-        return 2 if mesh.devices.flat[0].platform == "cpu" else None
+        return 1 if mesh.devices.flat[0].platform == "cpu" else None
     if per_pass is None:
         return None
     if not isinstance(per_pass, int) or per_pass < 1:
         raise ScanError(f"--per-pass must be a positive integer, 'auto' or 'all', got {per_pass!r}")
     return per_pass
+
+
+def resolve_load_workers(load_workers: int | None, mesh: Mesh) -> int:
+    if load_workers is None:
+        if mesh.devices.flat[0].platform == "cpu":
+            return min(4, max(1, (os.cpu_count() or 2) // 2))
+        return 4
+    if not isinstance(load_workers, int) or load_workers < 1:
+        raise ScanError(f"--load-workers must be a positive integer, got {load_workers!r}")
+    return load_workers
 
 
 def check_head_axis(spec: ModelSpec, mesh: Mesh) -> None:
@@ -302,6 +316,8 @@ def prepare(options: ScanOptions) -> tuple[_Prepared, Callable[[], ResultStore |
     _check_score_names(options.scores)
     mesh = parse_mesh(options.mesh)
     batch = resolve_batch(options.batch, mesh)
+    resolve_per_pass(options.per_pass, mesh)  # bad values fail here, before the store is touched
+    resolve_load_workers(options.load_workers, mesh)
     dataset = load_dataset(options.dataset)
     available = source.steps()
     spec = source.spec()
@@ -383,10 +399,12 @@ def _run_batches(
     local_rows = _local_rows(plan.mesh, plan.batch)
     padding = make_weights_skeleton(plan.spec)
     shardings = weight_shardings(plan.spec, plan.mesh)
+    row_sharding = NamedSharding(plan.mesh, PartitionSpec(CKPT))
     progress = _Progress(len(plan.todo), enabled=options.progress and jax.process_index() == 0)
     started = time.perf_counter()
     batches = list(_batches(plan.todo, plan.batch))
-    with ThreadPoolExecutor(max_workers=max(1, options.load_workers), thread_name_prefix="restore") as pool:
+    workers = resolve_load_workers(options.load_workers, plan.mesh)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="restore") as pool:
 
         def submit(steps: list[int]) -> dict[int, Future]:
             # Only the rows on this process's devices; a short last batch leaves rows empty.
@@ -399,13 +417,15 @@ def _run_batches(
             pending = submit(batches[index + 1]) if index + 1 < len(batches) else {}
             local = [loads[r][0].weights if r in loads and loads[r][0] is not None else padding for r in local_rows]
             local_ok = np.array([r in loads and loads[r][0] is not None for r in local_rows], bool)
+            ok = _gather_flags(local_ok, plan.batch)
             compute_start = time.perf_counter()
             placed = place_batch(local, plan.spec, shardings, plan.batch)
-            results = gather_results(score_all(placed, plan.probes, checkpoints_per_pass=per_pass))
+            # Rows without a checkpoint (padding, failed restores) are skipped, not scored.
+            valid = jax.make_array_from_callback(ok.shape, row_sharding, lambda index: ok[index])
+            results = gather_results(score_all(placed, plan.probes, checkpoints_per_pass=per_pass, valid=valid))
             compute = time.perf_counter() - compute_start
             if index == 0:
                 summary.compile_seconds = compute
-            ok = _gather_flags(local_ok, plan.batch)
             records, failures = [], []
             for row, step in enumerate(steps):
                 load = loads.get(row)

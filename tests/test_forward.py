@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxinduct.errors import SpecError
+from jaxinduct import forward as forward_module
 from jaxinduct.forward import forward
 from jaxinduct.model import model_from_weights
 from jaxinduct.weights import ModelSpec, init_random_weights
@@ -142,6 +143,25 @@ def test_patterns_are_causal_rows_summing_to_one():
     assert patterns.shape == (2, 2, SEQ, SEQ)
     np.testing.assert_allclose(patterns.sum(-1), 1.0, atol=1e-6)
     assert float(jnp.abs(jnp.triu(patterns, k=1)).max()) == 0.0
+
+
+def test_reduced_patterns_equal_the_same_reduction_of_the_reference_patterns():
+    # reduce_patterns runs inside the layer loop and the patterns themselves are never
+    # returned: each layer's summary must come from that layer's own pattern.
+    spec = make_spec("shortformer", None, "layernorm", BLOCKS[2])
+    weights = init_random_weights(spec, 3)
+    tokens = tokens_for(spec)[0]
+
+    def summarise(pattern):  # [head, seq, kv_seq] -> attention on BOS, and one back
+        return pattern[:, :, 0].mean(-1), jnp.diagonal(pattern, offset=-1, axis1=-2, axis2=-1)
+
+    out = jax.jit(lambda w, t: forward_module.forward(w, t, reduce_patterns=summarise))(weights, tokens)
+    assert out.patterns is None
+    on_first, one_back = out.pattern_summaries
+    _, ref_patterns = reference_forward(weights, tokens)
+    assert on_first.shape == (2, 2) and one_back.shape == (2, 2, SEQ - 1)
+    np.testing.assert_allclose(on_first, ref_patterns[:, :, :, 0].mean(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(one_back, np.diagonal(ref_patterns, offset=-1, axis1=-2, axis2=-1), rtol=1e-5, atol=1e-5)
 
 
 def test_no_patterns_unless_asked():

@@ -374,6 +374,7 @@ def test_bad_input_is_a_clear_error_and_leaves_the_store_untouched(trajectory, t
     fails(["scan", str(trajectory), "--store", str(store), "--mesh", "ckpt=3", *PROBE_ARGS], "--mesh", "8 are present")
     fails(["scan", str(trajectory), "--store", str(store), "--batch", "6", *PROBE_ARGS], "multiple of the mesh's ckpt axis")
     fails(["scan", str(trajectory), "--store", str(store), "--scores", "prefix_matchin", *PROBE_ARGS], "unknown score names")
+    fails(["scan", str(trajectory), "--store", str(store), "--load-workers", "0", *PROBE_ARGS], "--load-workers must be a positive integer")
     fails(["scan", str(trajectory), "--store", str(store)], "probe has 101 tokens but the model's context is 40")
 
     other = tmp_path / "other.sqlite"

@@ -164,6 +164,29 @@ def test_chunked_passes_equal_one_vmapped_pass(eight_checkpoints):
         score_all(stacked, probes, checkpoints_per_pass=0)
 
 
+def test_rows_marked_invalid_are_nan_and_the_others_unchanged(eight_checkpoints):
+    # The engine pads a short last batch: padded rows are skipped (one per pass) or masked.
+    probes = make_probes(SPEC, ProbeConfig(n_examples=3))
+    stacked = stack_weights(eight_checkpoints)
+    whole = jax.device_get(score_all(stacked, probes))
+    valid = np.array([True, True, False, True, True, True, False, False])
+    runs = {per_pass: score_all(stacked, probes, checkpoints_per_pass=per_pass, valid=valid) for per_pass in (None, 1, 3)}
+    if len(jax.devices()) >= 8:
+        mesh = Mesh(np.array(jax.devices()[:8]), ("ckpt",))
+        sharding = NamedSharding(mesh, PartitionSpec("ckpt"))
+        runs["sharded"] = score_all(
+            jax.device_put(stacked, sharding), probes, checkpoints_per_pass=1, valid=jax.device_put(valid, sharding)
+        )
+    for name, results in runs.items():
+        results = jax.device_get(results)
+        for group in ("head", "pair", "model", "curve", "head_curve"):
+            for key, value in getattr(results, group).items():
+                assert np.isnan(value[~valid]).all(), (name, group, key)
+                np.testing.assert_allclose(value[valid], getattr(whole, group)[key][valid], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="one flag per checkpoint"):
+        score_all(stacked, probes, valid=valid[:5])
+
+
 def test_model_scores_equal_losses_from_the_reference_model(eight_checkpoints):
     from flax import nnx
 

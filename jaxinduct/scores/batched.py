@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxinduct.forward import ForwardOutput, forward
 from jaxinduct.probes import ProbeConfig, Probes, VerdictThresholds
@@ -156,15 +157,42 @@ def _copying(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array
     return jnp.nanmean(scores, axis=0)
 
 
+def _summarised_forward(
+    weights: Weights, tokens: Int[Array, "example seq"], summarise: Callable[..., Any], *per_example: Array
+) -> ForwardOutput:
+    """Forward over examples with summarise(pattern [head, seq, kv_seq], tokens, *per_example) per layer.
+
+    pattern_summaries come back as [example, layer, ...]; the full patterns are never stored.
+    """
+
+    def one(example_tokens: Array, *extra: Array) -> ForwardOutput:
+        return forward(weights, example_tokens, reduce_patterns=lambda pattern: summarise(pattern, example_tokens, *extra))
+
+    return jax.vmap(one)(tokens, *per_example)
+
+
+def _repeated_summary(pattern: Array, tokens: Array) -> tuple[Array, Array]:
+    """prefix_matching and duplicate_token of every head of a layer: two [head]."""
+    over_heads = lambda kernel: jax.vmap(kernel, in_axes=(0, None))(pattern, tokens)  # noqa: E731
+    return over_heads(prefix_matching), over_heads(duplicate_token)
+
+
+def _prefix2_summary(pattern: Array, tokens: Array, queries: Array) -> Array:
+    return jax.vmap(prefix_matching, in_axes=(0, None, None))(pattern, tokens, queries)
+
+
+def _previous_token_summary(pattern: Array, tokens: Array) -> Array:
+    return jax.vmap(previous_token)(pattern)
+
+
 def _empirical_head_scores(weights: Weights, probes: ProbeArrays) -> tuple[dict[str, Array], ForwardOutput]:
-    on_repeated = _forward_batch(weights, probes.repeated)
-    prefix2_patterns = _patterns(weights, probes.prefix2)
-    prefix2 = _over_heads(prefix_matching, example_axes=(0, 0, 0), head_axes=(0, None, None))(
-        prefix2_patterns, probes.prefix2, probes.prefix2_queries
-    ).mean(axis=0)
+    on_repeated = _summarised_forward(weights, probes.repeated, _repeated_summary)
+    prefix_matching_scores, duplicate_token_scores = (s.mean(axis=0) for s in on_repeated.pattern_summaries)
+    prefix2 = _summarised_forward(weights, probes.prefix2, _prefix2_summary, probes.prefix2_queries)
+    prefix2 = prefix2.pattern_summaries.mean(axis=0)
     head = {
-        "prefix_matching": _over_examples_layers_heads(prefix_matching)(on_repeated.patterns, probes.repeated).mean(axis=0),
-        "duplicate_token": _over_examples_layers_heads(duplicate_token)(on_repeated.patterns, probes.repeated).mean(axis=0),
+        "prefix_matching": prefix_matching_scores,
+        "duplicate_token": duplicate_token_scores,
         "copying": _copying(weights, probes.copying),
     }
     head["prefix2_sensitivity"] = head["prefix_matching"] - prefix2
@@ -221,6 +249,31 @@ def _dataset_scores(weights: Weights, dataset: Int[Array, "example seq"], config
     return _DatasetScores(curve, icl, _previous_token(clean.patterns), head, head_curve)
 
 
+def _earlier_pairs(
+    score: Callable[..., Array], left: tuple[Array, Array], right: tuple[Array, Array], *, pairs_per_pass: int | None = None
+) -> Float[Array, "layer head layer head"]:
+    """score(earlier head's factors, later head's factors) at every (l1, h1, l2, h2) with l1 < l2, else NaN.
+
+    Only those pairs are computed (in a 2-layer model a quarter of all pairs): each one may
+    be an eigenproblem. pairs_per_pass: score that many pairs at a time (lax.map), for
+    scores with large per-pair intermediates; None scores all at once.
+    """
+    n_layers, n_heads = left[0].shape[:2]
+    pairs = [(l1, h1, l2, h2) for l1 in range(n_layers) for l2 in range(l1 + 1, n_layers)
+             for h1 in range(n_heads) for h2 in range(n_heads)]  # fmt: skip
+    out = jnp.full((n_layers, n_heads, n_layers, n_heads), jnp.nan, left[0].dtype)
+    if not pairs:
+        return out
+    l1, h1, l2, h2 = (jnp.asarray(index) for index in zip(*pairs))
+    src = tuple(x[l1, h1] for x in left)
+    dst = tuple(x[l2, h2] for x in right)
+    if pairs_per_pass is None:
+        values = jax.vmap(score)(*src, *dst)
+    else:
+        values = jax.lax.map(lambda factors: score(*factors), src + dst, batch_size=pairs_per_pass)
+    return out.at[l1, h1, l2, h2].set(values.astype(out.dtype))
+
+
 def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str, Array]]:
     spec = processed.spec
     W_E = processed.W_E
@@ -228,11 +281,11 @@ def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str,
     ov = (processed.W_V, processed.W_O)
     qk = (processed.W_Q, processed.W_K)
     pairs = {
-        "q_composition": _all_pairs(q_composition, ov, qk),
-        "k_composition": _all_pairs(k_composition, ov, qk),
-        "v_composition": _all_pairs(v_composition, ov, ov),
-        "induction_qk_positivity": _all_pairs(functools.partial(induction_qk_positivity, W_E), ov, qk),
-        "induction_qk_trace": _all_pairs(functools.partial(induction_qk_trace, W_E), ov, qk),
+        "q_composition": _earlier_pairs(q_composition, ov, qk),
+        "k_composition": _earlier_pairs(k_composition, ov, qk),
+        "v_composition": _earlier_pairs(v_composition, ov, ov),
+        "induction_qk_positivity": _earlier_pairs(functools.partial(induction_qk_positivity, W_E), ov, qk),
+        "induction_qk_trace": _earlier_pairs(functools.partial(induction_qk_trace, W_E), ov, qk),
     }
     head = {"ov_copying": per_head(W_E, processed.W_V, processed.W_O, processed.W_U)}
     nan_heads = jnp.full((spec.n_layers, spec.n_heads), jnp.nan, W_E.dtype)
@@ -243,27 +296,13 @@ def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str,
     else:
         head["qk_prev_token"] = nan_heads
     if spec.positional == PositionalScheme.LEARNED:
-        # S is n_ctx x n_ctx per pair: source heads one at a time bound the memory.
-        pairs["pointer_arithmetic"] = _all_pairs_sources_in_sequence(
-            functools.partial(pointer_arithmetic, processed.W_pos), ov, qk
+        # S is n_ctx x n_ctx per pair: a layer's worth of pairs at a time bounds the memory.
+        pairs["pointer_arithmetic"] = _earlier_pairs(
+            functools.partial(pointer_arithmetic, processed.W_pos), ov, qk, pairs_per_pass=spec.n_heads
         )
     else:
         pairs["pointer_arithmetic"] = jnp.full(pairs["q_composition"].shape, jnp.nan, W_E.dtype)
-    n_layers = spec.n_layers
-    earlier = jnp.arange(n_layers)[:, None, None, None] < jnp.arange(n_layers)[None, None, :, None]
-    pairs = {name: jnp.where(earlier, value, jnp.nan) for name, value in pairs.items()}
     return head, pairs
-
-
-def _all_pairs_sources_in_sequence(
-    score: Callable[..., Array], left: tuple[Array, Array], right: tuple[Array, Array]
-) -> Array:
-    """_all_pairs with source heads taken one at a time (lax.map), for large per-pair intermediates."""
-    n_layers, n_heads = left[0].shape[:2]
-    flat = [x.reshape(n_layers * n_heads, *x.shape[2:]) for x in left]
-    over_dst = jax.vmap(jax.vmap(score, in_axes=(None, None, 0, 0)), in_axes=(None, None, 0, 0))
-    out = jax.lax.map(lambda src: over_dst(*src, *right), tuple(flat))
-    return out.reshape(n_layers, n_heads, *out.shape[1:])
 
 
 def _weighted_over_sources(pair: Array, source_weight: Float[Array, "layer head"]) -> Float[Array, "layer head"]:
@@ -328,7 +367,8 @@ def _checkpoint_scores(weights: Weights, probes: ProbeArrays, config: ProbeConfi
     curve: dict[str, Array] = {}
     head_curve: dict[str, Array] = {}
     if probes.dataset is None:
-        head["previous_token"] = _previous_token(_patterns(weights, probes.random))
+        on_random = _summarised_forward(weights, probes.random, _previous_token_summary)
+        head["previous_token"] = on_random.pattern_summaries.mean(axis=0)
     else:
         text = _dataset_scores(weights, probes.dataset, config)
         head["previous_token"] = text.previous_token
@@ -348,28 +388,55 @@ def _checkpoint_scores(weights: Weights, probes: ProbeArrays, config: ProbeConfi
 
 
 def _score_checkpoints(
-    weights: Weights, probes: ProbeArrays, config: ProbeConfig, checkpoints_per_pass: int | None
+    weights: Weights,
+    probes: ProbeArrays,
+    valid: Bool[Array, " ckpt"] | None,
+    config: ProbeConfig,
+    checkpoints_per_pass: int | None,
 ) -> ScoreResults:
     def one(w: Weights) -> ScoreResults:
         return _checkpoint_scores(w, probes, config)
 
-    if checkpoints_per_pass is None:
-        return jax.vmap(one)(weights)
-    # vmap within chunks, scan across them: the working set is that of one chunk.
-    return jax.lax.map(one, weights, batch_size=checkpoints_per_pass)
+    if checkpoints_per_pass is None or valid is None or checkpoints_per_pass > 1:
+        # vmap within chunks, scan across them: the working set is that of one chunk. (A
+        # vmapped cond runs both branches, so rows are only skipped one at a time.)
+        if checkpoints_per_pass is None:
+            results = jax.vmap(one)(weights)
+        else:
+            results = jax.lax.map(one, weights, batch_size=checkpoints_per_pass)
+        return results if valid is None else _where_valid(valid, results)
+
+    def one_or_skipped(row: tuple[Weights, Array]) -> ScoreResults:
+        w, ok = row
+        return jax.lax.cond(ok, one, lambda w: _nan_like(jax.eval_shape(one, w)), w)
+
+    return jax.lax.map(one_or_skipped, (weights, valid))
+
+
+def _nan_like(shapes: ScoreResults) -> ScoreResults:
+    return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
+
+
+def _where_valid(valid: Bool[Array, " ckpt"], results: ScoreResults) -> ScoreResults:
+    return jax.tree.map(lambda x: jnp.where(valid.reshape(-1, *(1,) * (x.ndim - 1)), x, jnp.nan), results)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass"))
 def _score_all(
-    weights: Weights, probes: ProbeArrays, config: ProbeConfig, checkpoints_per_pass: int | None
+    weights: Weights,
+    probes: ProbeArrays,
+    valid: Bool[Array, " ckpt"] | None,
+    config: ProbeConfig,
+    checkpoints_per_pass: int | None,
 ) -> ScoreResults:
-    return _score_checkpoints(weights, probes, config, checkpoints_per_pass)
+    return _score_checkpoints(weights, probes, valid, config, checkpoints_per_pass)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass", "mesh", "axis", "manual"))
 def _score_all_per_device(
     weights: Weights,
     probes: ProbeArrays,
+    valid: Bool[Array, " ckpt"] | None,
     config: ProbeConfig,
     checkpoints_per_pass: int | None,
     mesh: Mesh,
@@ -388,12 +455,16 @@ def _score_all_per_device(
     the TPU eigenvalue path, need that), else the ckpt axis alone, the head axis staying
     with the partitioner.
     """
-    specs = (jax.tree.map(lambda _: PartitionSpec(axis), weights), jax.tree.map(lambda _: PartitionSpec(), probes))
+    specs = (
+        jax.tree.map(lambda _: PartitionSpec(axis), weights),
+        jax.tree.map(lambda _: PartitionSpec(), probes),
+        PartitionSpec(axis),
+    )
     local = functools.partial(_score_checkpoints, config=config, checkpoints_per_pass=checkpoints_per_pass)
     per_device = jax.shard_map(
         local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(axis), axis_names=manual, check_vma=False
     )
-    return per_device(weights, probes)
+    return per_device(weights, probes, valid)
 
 
 def _checkpoint_axis(weights: Weights) -> tuple[Mesh, str, frozenset[str]] | None:
@@ -446,23 +517,38 @@ CURVE_NAMES = frozenset({
 PUBLIC_SCORE_NAMES = HEAD_SCORE_NAMES | PAIR_SCORE_NAMES | MODEL_SCORE_NAMES | CURVE_NAMES
 
 
-def score_all(weights: Weights, probes: Probes, *, checkpoints_per_pass: int | None = None) -> ScoreResults:
+def score_all(
+    weights: Weights,
+    probes: Probes,
+    *,
+    checkpoints_per_pass: int | None = None,
+    valid: Bool[Array, " ckpt"] | np.ndarray | None = None,
+) -> ScoreResults:
     """Every score for every head (and head pair) of ckpt-stacked Weights, in one pass.
 
     ``weights`` carries a leading ckpt axis (`stack_weights`); it may be sharded over
     devices along that axis (a NamedSharding), and the result is sharded the same way;
     each device then scores its own checkpoints (`_score_all_per_device`). Compiled once per
     (model spec, number of checkpoints, probe shapes and config, sharding,
-    checkpoints_per_pass).
+    checkpoints_per_pass, whether ``valid`` is given).
 
     checkpoints_per_pass: None vmaps all checkpoints at once (every intermediate of every
     checkpoint is live together; best on accelerators with memory to spare); k computes
     k at a time inside the same compiled pass, bounding memory to k checkpoints' worth.
+    valid: which rows hold a real checkpoint (a batch padded to its compiled size has
+        rows that do not); every score of the others is NaN. With one checkpoint per pass
+        the others are not computed at all, which is what makes a short last batch cheap.
+        Shard it like the ckpt axis of ``weights``.
     """
     if checkpoints_per_pass is not None and (not isinstance(checkpoints_per_pass, int) or checkpoints_per_pass < 1):
         raise ValueError(f"checkpoints_per_pass must be a positive integer or None, got {checkpoints_per_pass}")
+    n_checkpoints = weights.W_E.shape[0]
+    if valid is not None:
+        if getattr(valid, "shape", None) != (n_checkpoints,):
+            raise ValueError(f"valid must have shape ({n_checkpoints},), one flag per checkpoint; got {getattr(valid, 'shape', valid)}")
+        valid = valid if isinstance(valid, jax.Array) else jnp.asarray(valid, bool)
     arrays = ProbeArrays.from_probes(probes)
     sharded = _checkpoint_axis(weights)
     if sharded is None:
-        return _score_all(weights, arrays, probes.config, checkpoints_per_pass)
-    return _score_all_per_device(weights, arrays, probes.config, checkpoints_per_pass, *sharded)
+        return _score_all(weights, arrays, valid, probes.config, checkpoints_per_pass)
+    return _score_all_per_device(weights, arrays, valid, probes.config, checkpoints_per_pass, *sharded)

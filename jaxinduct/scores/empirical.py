@@ -80,11 +80,14 @@ def copying(
     scaled identity scores 1 however it spreads its attention; its negation -1; a head
     whose boosts ignore its attention about 0. See docs/scores.md for the choices.
     """
-    out = head_output - head_output.mean(axis=-1, keepdims=True) if centre else head_output
-    normed = out * final_scale[:, None] * final_norm_w
-    sample_logits = normed @ W_U[:, tokens]  # [seq, seq]: query q's effect on the token at position t
-    vocab_mean = normed @ W_U.mean(axis=1)  # [seq]
-    boost = jnp.maximum(sample_logits - vocab_mean[:, None], 0.0)
+    # c_q[t] - mean_v c_q[v] = s_q N(o_q) (W_U[:, t] - mean_v W_U[:, v]), and centring o_q over
+    # d_model moves onto the other factor. So one [d_model, seq] readout per sequence, shared
+    # by every head, and one small matmul per head.
+    readout = final_norm_w[:, None] * (W_U[:, tokens] - W_U.mean(axis=1, keepdims=True))
+    if centre:
+        readout = readout - readout.mean(axis=0, keepdims=True)
+    # boost[q, t]: how much query q's output raises the token at position t above the vocabulary mean
+    boost = jnp.maximum(final_scale[:, None] * (head_output @ readout), 0.0)
     attended = jnp.sum(pattern * boost, axis=-1)
     peak = pattern.max(axis=-1, keepdims=True)
     away = 1.0 - pattern / jnp.where(peak > 0, peak, 1.0)  # 0 on the most attended token, 1 on unattended ones
