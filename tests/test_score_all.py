@@ -187,6 +187,35 @@ def test_rows_marked_invalid_are_nan_and_the_others_unchanged(eight_checkpoints)
         score_all(stacked, probes, valid=valid[:5])
 
 
+def test_pair_scores_of_a_four_layer_model_equal_a_loop_over_pairs():
+    # score_all computes only pairs whose source layer comes first, one block per source
+    # layer: every pair must land in its own cell, and every other cell must be NaN.
+    from jaxinduct.processing import process_weights
+    from jaxinduct.scores import mechanistic
+
+    spec = ModelSpec(d_vocab=40, d_model=16, n_layers=4, n_heads=3, d_head=4, n_ctx=101, bos_token_id=0)
+    weights = init_random_weights(spec, 11)
+    pair = jax.device_get(score_all(stack_weights([weights]), make_probes(spec, ProbeConfig(n_examples=2))).pair)
+    p = process_weights(weights)
+    per_pair = {
+        "q_composition": lambda a, b: mechanistic.q_composition(p.W_V[a], p.W_O[a], p.W_Q[b], p.W_K[b]),
+        "k_composition": lambda a, b: mechanistic.k_composition(p.W_V[a], p.W_O[a], p.W_Q[b], p.W_K[b]),
+        "v_composition": lambda a, b: mechanistic.v_composition(p.W_V[a], p.W_O[a], p.W_V[b], p.W_O[b]),
+        "induction_qk_positivity": lambda a, b: mechanistic.induction_qk_positivity(
+            p.W_E, p.W_V[a], p.W_O[a], p.W_Q[b], p.W_K[b]
+        ),
+        "induction_qk_trace": lambda a, b: mechanistic.induction_qk_trace(p.W_E, p.W_V[a], p.W_O[a], p.W_Q[b], p.W_K[b]),
+        "pointer_arithmetic": lambda a, b: mechanistic.pointer_arithmetic(p.W_pos, p.W_V[a], p.W_O[a], p.W_Q[b], p.W_K[b]),
+    }
+    for name, score in per_pair.items():
+        for l1, h1, l2, h2 in np.ndindex(4, 3, 4, 3):
+            got = pair[name][0, l1, h1, l2, h2]
+            if l1 < l2:
+                np.testing.assert_allclose(got, score((l1, h1), (l2, h2)), rtol=1e-5, atol=1e-6, err_msg=name)
+            else:
+                assert np.isnan(got), (name, l1, h1, l2, h2)
+
+
 def test_model_scores_equal_losses_from_the_reference_model(eight_checkpoints):
     from flax import nnx
 

@@ -250,28 +250,30 @@ def _dataset_scores(weights: Weights, dataset: Int[Array, "example seq"], config
 
 
 def _earlier_pairs(
-    score: Callable[..., Array], left: tuple[Array, Array], right: tuple[Array, Array], *, pairs_per_pass: int | None = None
+    score: Callable[..., Array], left: tuple[Array, Array], right: tuple[Array, Array], *, sources_in_sequence: bool = False
 ) -> Float[Array, "layer head layer head"]:
     """score(earlier head's factors, later head's factors) at every (l1, h1, l2, h2) with l1 < l2, else NaN.
 
-    Only those pairs are computed (in a 2-layer model a quarter of all pairs): each one may
-    be an eigenproblem. pairs_per_pass: score that many pairs at a time (lax.map), for
-    scores with large per-pair intermediates; None scores all at once.
+    Only those pairs are computed (in a 2-layer model a quarter of all pairs; each may be
+    an eigenproblem): one vmapped block per source layer, against the heads of every later
+    layer. Slicing instead of gathering pairs keeps the factors uncopied, which matters at
+    GPT-2 size. sources_in_sequence: a source layer's heads one at a time (lax.map), for
+    scores with large per-pair intermediates.
     """
-    n_layers, n_heads = left[0].shape[:2]
-    pairs = [(l1, h1, l2, h2) for l1 in range(n_layers) for l2 in range(l1 + 1, n_layers)
-             for h1 in range(n_heads) for h2 in range(n_heads)]  # fmt: skip
-    out = jnp.full((n_layers, n_heads, n_layers, n_heads), jnp.nan, left[0].dtype)
-    if not pairs:
-        return out
-    l1, h1, l2, h2 = (jnp.asarray(index) for index in zip(*pairs))
-    src = tuple(x[l1, h1] for x in left)
-    dst = tuple(x[l2, h2] for x in right)
-    if pairs_per_pass is None:
-        values = jax.vmap(score)(*src, *dst)
-    else:
-        values = jax.lax.map(lambda factors: score(*factors), src + dst, batch_size=pairs_per_pass)
-    return out.at[l1, h1, l2, h2].set(values.astype(out.dtype))
+    n_layers = left[0].shape[0]
+    over_dst = jax.vmap(jax.vmap(score, in_axes=(None, None, 0, 0)), in_axes=(None, None, 0, 0))
+    blocks = []
+    for l1 in range(n_layers - 1):
+        later = tuple(x[l1 + 1 :] for x in right)
+        per_source = lambda factors: over_dst(*factors, *later)  # noqa: E731 - one source head's row
+        src = tuple(x[l1] for x in left)
+        blocks.append(jax.lax.map(per_source, src) if sources_in_sequence else jax.vmap(per_source)(src))
+    n_heads = left[0].shape[1]
+    dtype = blocks[0].dtype if blocks else left[0].dtype
+    out = jnp.full((n_layers, n_heads, n_layers, n_heads), jnp.nan, dtype)
+    for l1, block in enumerate(blocks):
+        out = out.at[l1, :, l1 + 1 :, :].set(block)
+    return out
 
 
 def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str, Array]]:
@@ -296,9 +298,9 @@ def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str,
     else:
         head["qk_prev_token"] = nan_heads
     if spec.positional == PositionalScheme.LEARNED:
-        # S is n_ctx x n_ctx per pair: a layer's worth of pairs at a time bounds the memory.
+        # S is n_ctx x n_ctx per pair: one source head at a time bounds the memory.
         pairs["pointer_arithmetic"] = _earlier_pairs(
-            functools.partial(pointer_arithmetic, processed.W_pos), ov, qk, pairs_per_pass=spec.n_heads
+            functools.partial(pointer_arithmetic, processed.W_pos), ov, qk, sources_in_sequence=True
         )
     else:
         pairs["pointer_arithmetic"] = jnp.full(pairs["q_composition"].shape, jnp.nan, W_E.dtype)
