@@ -149,5 +149,6 @@ def main() -> None:
     print(f"engine vs. one at a time: {best['one checkpoint at a time'] / best['engine (jaxinduct scan)']:.2f}x faster; "
           f"target engine <= 1.5x bare restore: {'met' if ratio <= 1.5 else 'NOT met'} ({ratio:.2f}x)")  # fmt: skip
 
+
 if __name__ == "__main__":
     main()

@@ -157,7 +157,8 @@ def resolve_per_pass(per_pass: int | None | str, mesh: Mesh) -> int | None:
 def resolve_load_workers(load_workers: int | None, mesh: Mesh) -> int:
     if load_workers is None:
         if mesh.devices.flat[0].platform == "cpu":
-            return min(4, max(1, (os.cpu_count() or 2) // 2))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+            return min(4, max(1, cores // 2))
         return 4
     if not isinstance(load_workers, int) or load_workers < 1:
         raise ScanError(f"--load-workers must be a positive integer, got {load_workers!r}")

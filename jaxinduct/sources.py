@@ -307,6 +307,9 @@ class HFSource:
     description: str
     single: bool
     _first_spec: ModelSpec | None = dataclasses.field(default=None, repr=False)
+    # step -> revision directory as last listed: load() looks steps up here instead of
+    # listing (and reading trainer_state.json of) every revision per checkpoint.
+    _listed: dict[int, Path] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def detect(cls, directory: Path) -> HFSource | None:
@@ -319,7 +322,8 @@ class HFSource:
     def _revisions(self) -> dict[int, Path]:
         if self.single:
             step = _hf_step(self.directory)
-            return {0 if step is None else step: self.directory}
+            self._listed = {0 if step is None else step: self.directory}
+            return self._listed
         revisions: dict[int, Path] = {}
         for child in _children(self.directory):
             if not _is_revision(child):
@@ -330,7 +334,15 @@ class HFSource:
             if step in revisions:
                 raise SourceError(f"{revisions[step]} and {child} both claim step {step}")
             revisions[step] = child
+        self._listed = revisions
         return revisions
+
+    def _revision(self, step: int) -> Path:
+        if step not in self._listed:  # a revision that appeared since the last listing
+            self._revisions()
+        if step not in self._listed:
+            raise SourceError(f"{self.directory} has no revision for step {step}; it has steps {sorted(self._listed)}")
+        return self._listed[step]
 
     def steps(self) -> list[int]:
         return sorted(self._revisions())
@@ -338,14 +350,13 @@ class HFSource:
     def spec(self, step: int | None = None) -> ModelSpec:
         from jaxinduct.importers.hf import read_hf_config, spec_from_hf_config
 
-        revisions = self._revisions()
-        path = revisions[min(revisions) if step is None else step]
+        path = self._revision(min(self._revisions()) if step is None else step)
         return spec_from_hf_config(read_hf_config(path), source=path / HF_CONFIG)
 
     def load(self, step: int) -> LoadedCheckpoint:
         from jaxinduct.importers.hf import load_hf_weights
 
-        path = self._revisions()[step]
+        path = self._revision(step)
         weights = load_hf_weights(path)
         if self._first_spec is None:  # read once: every revision is checked against it
             self._first_spec = self.spec()

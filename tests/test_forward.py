@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxinduct.errors import SpecError
 from jaxinduct import forward as forward_module
+from jaxinduct.errors import SpecError
 from jaxinduct.forward import forward
 from jaxinduct.model import model_from_weights
 from jaxinduct.weights import ModelSpec, init_random_weights

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -22,7 +23,7 @@ import pytest
 
 from jaxinduct.cli import main as cli_main
 from jaxinduct.probes import ProbeConfig, make_probes
-from jaxinduct.scan import ScanOptions, scan, watch
+from jaxinduct.scan import ScanOptions, parse_mesh, resolve_load_workers, resolve_per_pass, scan, watch
 from jaxinduct.scores.batched import HEAD_SCORE_NAMES, PUBLIC_SCORE_NAMES, _score_all, _score_all_per_device, score_all
 from jaxinduct.sources import LoadedCheckpoint, OrbaxSource, select_steps
 from jaxinduct.store import ResultStore
@@ -387,6 +388,23 @@ def test_bad_input_is_a_clear_error_and_leaves_the_store_untouched(trajectory, t
     assert cli_main(["scan", str(trajectory), "--store", str(other), "--no-progress", *PROBE_ARGS]) == 2
     assert "version" in capsys.readouterr().err
     assert other.read_bytes() == before
+
+
+def test_cpu_and_accelerator_defaults_for_restore_threads_and_checkpoints_per_pass(monkeypatch):
+    # On the CPU backend the same cores restore and score: half of them restore (at most 4).
+    cpu = parse_mesh(None)
+    for cores, expected in ((1, 1), (2, 1), (6, 3), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert resolve_load_workers(None, cpu) == expected
+    assert resolve_load_workers(7, cpu) == 7
+    assert resolve_per_pass("auto", cpu) == 1
+
+    class Accelerator:  # only the platform is read
+        platform = "gpu"
+
+    gpu = types.SimpleNamespace(devices=np.array([Accelerator()], dtype=object))
+    assert resolve_load_workers(None, gpu) == 4
+    assert resolve_per_pass("auto", gpu) is None
 
 
 def test_step_selection():

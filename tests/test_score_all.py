@@ -174,9 +174,11 @@ def test_rows_marked_invalid_are_nan_and_the_others_unchanged(eight_checkpoints)
     if len(jax.devices()) >= 8:
         mesh = Mesh(np.array(jax.devices()[:8]), ("ckpt",))
         sharding = NamedSharding(mesh, PartitionSpec("ckpt"))
-        runs["sharded"] = score_all(
-            jax.device_put(stacked, sharding), probes, checkpoints_per_pass=1, valid=jax.device_put(valid, sharding)
-        )
+        for per_pass in (None, 1):
+            runs[f"sharded, {per_pass} per pass"] = score_all(
+                jax.device_put(stacked, sharding), probes, checkpoints_per_pass=per_pass, valid=jax.device_put(valid, sharding)
+            )
+        runs["sharded, host flags"] = score_all(jax.device_put(stacked, sharding), probes, checkpoints_per_pass=1, valid=valid)
     for name, results in runs.items():
         results = jax.device_get(results)
         for group in ("head", "pair", "model", "curve", "head_curve"):
@@ -187,13 +189,13 @@ def test_rows_marked_invalid_are_nan_and_the_others_unchanged(eight_checkpoints)
         score_all(stacked, probes, valid=valid[:5])
 
 
-def test_pair_scores_of_a_four_layer_model_equal_a_loop_over_pairs():
-    # score_all computes only pairs whose source layer comes first, one block per source
-    # layer: every pair must land in its own cell, and every other cell must be NaN.
+def test_pair_scores_of_a_six_layer_model_equal_a_loop_over_pairs():
+    # score_all computes pairs whose source layer comes first, source layers in blocks (here
+    # [0, 1], [2], [3], [4]): every pair must land in its own cell, every other cell be NaN.
     from jaxinduct.processing import process_weights
     from jaxinduct.scores import mechanistic
 
-    spec = ModelSpec(d_vocab=40, d_model=16, n_layers=4, n_heads=3, d_head=4, n_ctx=101, bos_token_id=0)
+    spec = ModelSpec(d_vocab=40, d_model=16, n_layers=6, n_heads=2, d_head=4, n_ctx=101, bos_token_id=0)
     weights = init_random_weights(spec, 11)
     pair = jax.device_get(score_all(stack_weights([weights]), make_probes(spec, ProbeConfig(n_examples=2))).pair)
     p = process_weights(weights)
@@ -208,7 +210,7 @@ def test_pair_scores_of_a_four_layer_model_equal_a_loop_over_pairs():
         "pointer_arithmetic": lambda a, b: mechanistic.pointer_arithmetic(p.W_pos, p.W_V[a], p.W_O[a], p.W_Q[b], p.W_K[b]),
     }
     for name, score in per_pair.items():
-        for l1, h1, l2, h2 in np.ndindex(4, 3, 4, 3):
+        for l1, h1, l2, h2 in np.ndindex(6, 2, 6, 2):
             got = pair[name][0, l1, h1, l2, h2]
             if l1 < l2:
                 np.testing.assert_allclose(got, score((l1, h1), (l2, h2)), rtol=1e-5, atol=1e-6, err_msg=name)
@@ -337,17 +339,22 @@ def dense_copying(weights, tokens):
     _, patterns = reference_forward(weights, tokens, internals=internals)
     spec = weights.spec
     x = internals["final_residual"]
-    centred = x - x.mean(axis=-1, keepdims=True)
-    scale = 1 / np.sqrt((centred**2).mean(axis=-1) + spec.norm_eps)  # LayerNorm
+    centre = spec.norm.value == "layernorm"
+    if centre:
+        x = x - x.mean(axis=-1, keepdims=True)
+    if spec.norm.value == "none":
+        scale, norm_w = np.ones(len(tokens)), np.ones(spec.d_model)
+    else:
+        scale = 1 / np.sqrt((x**2).mean(axis=-1) + spec.norm_eps)
+        norm_w = np.asarray(weights.ln_final_w, np.float64)
     W_U = np.asarray(weights.W_U, np.float64)
-    ln_w = np.asarray(weights.ln_final_w, np.float64)
     scores = np.full((spec.n_layers, spec.n_heads), np.nan)
     for layer in range(spec.n_layers):
         for head in range(spec.n_heads):
             contrasts = []
             for q in range(len(tokens)):
                 o = internals["head_outputs"][layer, head, q]
-                logits = ((o - o.mean()) * scale[q] * ln_w) @ W_U
+                logits = ((o - o.mean() if centre else o) * scale[q] * norm_w) @ W_U
                 boost = np.maximum(logits[np.asarray(tokens)] - logits.mean(), 0.0)
                 attention = patterns[layer, head, q]
                 attended = (attention * boost).sum()
@@ -360,12 +367,22 @@ def dense_copying(weights, tokens):
     return scores
 
 
-def test_copying_equals_a_dense_computation(eight_checkpoints):
-    probes = make_probes(SPEC, ProbeConfig(n_examples=2))
-    results = score_all(stack_weights(eight_checkpoints[:2]), probes)
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
+def test_copying_equals_a_dense_computation(norm):
+    spec = ModelSpec(**{**SPEC.to_dict(), "norm": norm})
+    checkpoints = [init_random_weights(spec, seed) for seed in range(2)]
+    probes = make_probes(spec, ProbeConfig(n_examples=2))
+    results = score_all(stack_weights(checkpoints), probes)
     for i in range(2):
-        expected = np.mean([dense_copying(eight_checkpoints[i], t) for t in probes.copying], axis=0)
+        expected = np.mean([dense_copying(checkpoints[i], t) for t in probes.copying], axis=0)
         np.testing.assert_allclose(results.head["copying"][i], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_one_layer_model_has_head_scores_and_no_pair_scores():
+    spec = ModelSpec(**{**SPEC.to_dict(), "n_layers": 1})
+    results = jax.device_get(score_all(stack_weights([init_random_weights(spec, 0)]), make_probes(spec, ProbeConfig(n_examples=2))))
+    assert all(np.isnan(value).all() and value.shape == (1, 1, 2, 1, 2) for value in results.pair.values())
+    assert np.isfinite(results.head["prefix_matching"]).all() and np.isfinite(results.head["ov_copying"]).all()
 
 
 # --- head ablation --------------------------------------------------------------------------

@@ -30,26 +30,40 @@ from jaxinduct.scores.mechanistic import (
 )
 from jaxinduct.weights import NormKind, PositionalScheme, Weights
 
-def _forward_batch(weights: Weights, tokens: Int[Array, "example seq"]) -> ForwardOutput:
-    """Logits [example, seq, d_vocab] and patterns [example, layer, head, seq, kv_seq]."""
-    return jax.vmap(lambda t: forward(weights, t, return_patterns=True))(tokens)
+
+def _summarised_forward(
+    weights: Weights, tokens: Int[Array, "example seq"], summarise: Callable[..., Any], *per_example: Array
+) -> ForwardOutput:
+    """Forward over examples with summarise(pattern [head, seq, kv_seq], tokens, *per_example) per layer.
+
+    pattern_summaries come back as [example, layer, ...]; the full patterns are never stored.
+    """
+
+    def one(example_tokens: Array, *extra: Array) -> ForwardOutput:
+        return forward(weights, example_tokens, reduce_patterns=lambda pattern: summarise(pattern, example_tokens, *extra))
+
+    return jax.vmap(one)(tokens, *per_example)
 
 
-def _patterns(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array, "example layer head seq kv_seq"]:
-    return _forward_batch(weights, tokens).patterns
+def _repeated_summary(pattern: Array, tokens: Array) -> tuple[Array, Array]:
+    """prefix_matching and duplicate_token of every head of a layer: two [head]."""
+    over_heads = lambda kernel: jax.vmap(kernel, in_axes=(0, None))(pattern, tokens)  # noqa: E731
+    return over_heads(prefix_matching), over_heads(duplicate_token)
 
 
-def _over_examples_layers_heads(kernel: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Array]:
-    """kernel(pattern [seq, kv_seq], tokens [seq]) -> scores [example, layer, head]."""
-    per_head = jax.vmap(kernel, in_axes=(0, None))
-    per_layer = jax.vmap(per_head, in_axes=(0, None))
-    return jax.vmap(per_layer, in_axes=(0, 0))
+def _prefix2_summary(pattern: Array, tokens: Array, queries: Array) -> Array:
+    return jax.vmap(prefix_matching, in_axes=(0, None, None))(pattern, tokens, queries)
+
+
+def _previous_token_summary(pattern: Array, tokens: Array) -> Array:
+    return jax.vmap(previous_token)(pattern)
 
 
 def _checkpoint_prefix_matching(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array, "layer head"]:
     # Mean of per-example means: equal to the mean over all queries when every example has
     # the same number of repeated tokens, as every repeated-random-token probe does.
-    return _over_examples_layers_heads(prefix_matching)(_patterns(weights, tokens), tokens).mean(axis=0)
+    per_layer = lambda pattern, t: jax.vmap(prefix_matching, in_axes=(0, None))(pattern, t)  # noqa: E731
+    return _summarised_forward(weights, tokens, per_layer).pattern_summaries.mean(axis=0)
 
 
 head_prefix_matching = jax.jit(_checkpoint_prefix_matching)
@@ -141,10 +155,6 @@ def _over_heads(kernel: Callable[..., Array], *, example_axes: tuple, head_axes:
     return jax.vmap(per_layer, in_axes=example_axes)
 
 
-def _previous_token(patterns: Float[Array, "example layer head seq kv_seq"]) -> Float[Array, "layer head"]:
-    return jax.vmap(jax.vmap(jax.vmap(previous_token)))(patterns).mean(axis=0)
-
-
 def _copying(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array, "layer head"]:
     out = jax.vmap(lambda t: forward(weights, t, return_patterns=True, return_head_outputs=True))(tokens)
     spec = weights.spec
@@ -155,34 +165,6 @@ def _copying(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array
         kernel, example_axes=(0, 0, 0, None, None, 0), head_axes=(0, 0, None, None, None, None)
     )(out.patterns, out.head_outputs, out.final_scale, final_w, weights.W_U, tokens)
     return jnp.nanmean(scores, axis=0)
-
-
-def _summarised_forward(
-    weights: Weights, tokens: Int[Array, "example seq"], summarise: Callable[..., Any], *per_example: Array
-) -> ForwardOutput:
-    """Forward over examples with summarise(pattern [head, seq, kv_seq], tokens, *per_example) per layer.
-
-    pattern_summaries come back as [example, layer, ...]; the full patterns are never stored.
-    """
-
-    def one(example_tokens: Array, *extra: Array) -> ForwardOutput:
-        return forward(weights, example_tokens, reduce_patterns=lambda pattern: summarise(pattern, example_tokens, *extra))
-
-    return jax.vmap(one)(tokens, *per_example)
-
-
-def _repeated_summary(pattern: Array, tokens: Array) -> tuple[Array, Array]:
-    """prefix_matching and duplicate_token of every head of a layer: two [head]."""
-    over_heads = lambda kernel: jax.vmap(kernel, in_axes=(0, None))(pattern, tokens)  # noqa: E731
-    return over_heads(prefix_matching), over_heads(duplicate_token)
-
-
-def _prefix2_summary(pattern: Array, tokens: Array, queries: Array) -> Array:
-    return jax.vmap(prefix_matching, in_axes=(0, None, None))(pattern, tokens, queries)
-
-
-def _previous_token_summary(pattern: Array, tokens: Array) -> Array:
-    return jax.vmap(previous_token)(pattern)
 
 
 def _empirical_head_scores(weights: Weights, probes: ProbeArrays) -> tuple[dict[str, Array], ForwardOutput]:
@@ -222,7 +204,10 @@ class _DatasetScores(NamedTuple):
 
 
 def _dataset_scores(weights: Weights, dataset: Int[Array, "example seq"], config: ProbeConfig) -> _DatasetScores:
-    clean = _forward_batch(weights, dataset)
+    # Full patterns only for the pattern-preserving ablation; previous_token needs a summary.
+    clean = jax.vmap(
+        lambda t: forward(weights, t, return_patterns=config.ablation, reduce_patterns=jax.vmap(previous_token))
+    )(dataset)
 
     def curve_and_icl(logits):
         curve = token_losses(logits, dataset).mean(axis=0)
@@ -246,7 +231,13 @@ def _dataset_scores(weights: Weights, dataset: Int[Array, "example seq"], config
             shape = (spec.n_layers, spec.n_heads)
             head["ablation_icl_delta" + suffix] = (icls - icl).reshape(shape)
             head_curve["ablation_per_token_loss_delta" + suffix] = (curves - curve).reshape(*shape, -1)
-    return _DatasetScores(curve, icl, _previous_token(clean.patterns), head, head_curve)
+    return _DatasetScores(curve, icl, clean.pattern_summaries.mean(axis=0), head, head_curve)
+
+
+# Source layers are scored in at most this many compiled blocks: one block per layer would
+# grow compile time with depth (13 s more at 32 layers), one block for all would score
+# every backward pair too (2x the work).
+_PAIR_BLOCKS = 4
 
 
 def _earlier_pairs(
@@ -254,25 +245,29 @@ def _earlier_pairs(
 ) -> Float[Array, "layer head layer head"]:
     """score(earlier head's factors, later head's factors) at every (l1, h1, l2, h2) with l1 < l2, else NaN.
 
-    Only those pairs are computed (in a 2-layer model a quarter of all pairs; each may be
-    an eigenproblem): one vmapped block per source layer, against the heads of every later
-    layer. Slicing instead of gathering pairs keeps the factors uncopied, which matters at
-    GPT-2 size. sources_in_sequence: a source layer's heads one at a time (lax.map), for
-    scores with large per-pair intermediates.
+    Source layers go in a few contiguous blocks; within a block, one source layer at a
+    time (lax.map) against every head of the layers after the block's first, so little
+    beyond the forward pairs is scored (each may be an eigenproblem: in a 2-layer model
+    only a quarter of all pairs are). Slicing rather than gathering pairs keeps the
+    factors uncopied, which matters at GPT-2 size. sources_in_sequence: also a source
+    layer's heads one at a time, for scores with large per-pair intermediates.
     """
-    n_layers = left[0].shape[0]
+    n_layers, n_heads = left[0].shape[:2]
+    out = jnp.full((n_layers, n_heads, n_layers, n_heads), jnp.nan, left[0].dtype)
+    if n_layers < 2:
+        return out
     over_dst = jax.vmap(jax.vmap(score, in_axes=(None, None, 0, 0)), in_axes=(None, None, 0, 0))
-    blocks = []
-    for l1 in range(n_layers - 1):
-        later = tuple(x[l1 + 1 :] for x in right)
-        per_source = lambda factors: over_dst(*factors, *later)  # noqa: E731 - one source head's row
-        src = tuple(x[l1] for x in left)
-        blocks.append(jax.lax.map(per_source, src) if sources_in_sequence else jax.vmap(per_source)(src))
-    n_heads = left[0].shape[1]
-    dtype = blocks[0].dtype if blocks else left[0].dtype
-    out = jnp.full((n_layers, n_heads, n_layers, n_heads), jnp.nan, dtype)
-    for l1, block in enumerate(blocks):
-        out = out.at[l1, :, l1 + 1 :, :].set(block)
+    for block in np.array_split(np.arange(n_layers - 1), min(_PAIR_BLOCKS, n_layers - 1)):
+        first, stop = int(block[0]), int(block[-1]) + 1
+        later = tuple(x[first + 1 :] for x in right)  # [layer, head, ...]: destinations after the block's first layer
+        per_source_head = lambda factors: over_dst(*factors, *later)  # noqa: E731
+        if sources_in_sequence:
+            per_source_layer = lambda factors: jax.lax.map(per_source_head, factors)  # noqa: E731
+        else:
+            per_source_layer = jax.vmap(per_source_head)
+        values = jax.lax.map(per_source_layer, tuple(x[first:stop] for x in left))  # [src layer, head, dst layer, head]
+        forward = np.arange(first, stop)[:, None, None, None] < np.arange(first + 1, n_layers)[None, None, :, None]
+        out = out.at[first:stop, :, first + 1 :, :].set(jnp.where(forward, values, jnp.nan).astype(out.dtype))
     return out
 
 
@@ -408,9 +403,11 @@ def _score_checkpoints(
             results = jax.lax.map(one, weights, batch_size=checkpoints_per_pass)
         return results if valid is None else _where_valid(valid, results)
 
+    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], weights))
+
     def one_or_skipped(row: tuple[Weights, Array]) -> ScoreResults:
         w, ok = row
-        return jax.lax.cond(ok, one, lambda w: _nan_like(jax.eval_shape(one, w)), w)
+        return jax.lax.cond(ok, one, lambda _: _nan_like(shapes), w)
 
     return jax.lax.map(one_or_skipped, (weights, valid))
 
@@ -519,6 +516,22 @@ CURVE_NAMES = frozenset({
 PUBLIC_SCORE_NAMES = HEAD_SCORE_NAMES | PAIR_SCORE_NAMES | MODEL_SCORE_NAMES | CURVE_NAMES
 
 
+def _checkpoint_flags(
+    valid: Array | np.ndarray, n_checkpoints: int, sharded: tuple[Mesh, str, frozenset[str]] | None
+) -> Bool[Array, " ckpt"]:
+    if not isinstance(valid, jax.Array):
+        valid = np.asarray(valid, bool)
+    if valid.shape != (n_checkpoints,):
+        raise ValueError(f"valid must have shape ({n_checkpoints},), one flag per checkpoint; got shape {valid.shape}")
+    if isinstance(valid, jax.Array):
+        return valid.astype(bool)
+    if sharded is None:
+        return jnp.asarray(valid)
+    # Host flags placed like the ckpt axis: a global array, so that it works across processes too.
+    host = valid
+    return jax.make_array_from_callback(host.shape, NamedSharding(sharded[0], PartitionSpec(sharded[1])), lambda i: host[i])
+
+
 def score_all(
     weights: Weights,
     probes: Probes,
@@ -544,13 +557,10 @@ def score_all(
     """
     if checkpoints_per_pass is not None and (not isinstance(checkpoints_per_pass, int) or checkpoints_per_pass < 1):
         raise ValueError(f"checkpoints_per_pass must be a positive integer or None, got {checkpoints_per_pass}")
-    n_checkpoints = weights.W_E.shape[0]
-    if valid is not None:
-        if getattr(valid, "shape", None) != (n_checkpoints,):
-            raise ValueError(f"valid must have shape ({n_checkpoints},), one flag per checkpoint; got {getattr(valid, 'shape', valid)}")
-        valid = valid if isinstance(valid, jax.Array) else jnp.asarray(valid, bool)
     arrays = ProbeArrays.from_probes(probes)
     sharded = _checkpoint_axis(weights)
+    if valid is not None:
+        valid = _checkpoint_flags(valid, weights.W_E.shape[0], sharded)
     if sharded is None:
         return _score_all(weights, arrays, valid, probes.config, checkpoints_per_pass)
     return _score_all_per_device(weights, arrays, valid, probes.config, checkpoints_per_pass, *sharded)
