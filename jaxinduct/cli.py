@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_scan_arguments(watch)
     watch.add_argument("--poll", type=float, default=10.0, help="seconds between looks at SOURCE (default 10)")
-    watch.add_argument("--until-step", type=int, help="stop once this step is scanned")
+    watch.add_argument("--until-step", type=int,
+                       help="stop once a step >= N is committed and every committed step is scanned")  # fmt: skip
     watch.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a new checkpoint")
     watch.set_defaults(func=_watch)
 

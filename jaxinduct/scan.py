@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -348,11 +348,17 @@ def _broadcast_steps(steps: list[int] | None) -> list[int]:
     return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
 
 
-def scan(options: ScanOptions, *, on_batch: Callable[[list[int]], None] | None = None) -> ScanSummary:
+def scan(
+    options: ScanOptions,
+    *,
+    on_batch: Callable[[list[int]], None] | None = None,
+    skip_steps: Collection[int] = (),
+) -> ScanSummary:
     """Scan the selected checkpoints of ``options.source`` into ``options.store``.
 
     Resumable: checkpoints already done for this (run, probe hash) are skipped, so a scan
-    killed at any instant continues where it stopped and never duplicates rows.
+    killed at any instant continues where it stopped and never duplicates rows. Failed
+    ones are retried, except ``skip_steps`` (watch: those that failed while it runs).
     """
     plan, open_store = prepare(options)
     store = open_store()
@@ -362,7 +368,7 @@ def scan(options: ScanOptions, *, on_batch: Callable[[list[int]], None] | None =
             store.ensure_run(plan.run, plan.source.description, json.dumps(plan.spec.to_dict(), sort_keys=True))
             store.record_probe_config(plan.probe_hash, plan.probe_json)
             done = store.done_steps(plan.run, plan.probe_hash)
-            todo = [s for s in plan.todo if s not in done]
+            todo = [s for s in plan.todo if s not in done and s not in skip_steps]
         plan.todo = _broadcast_steps(todo)
         plan.already_done = plan.selected - len(plan.todo)
         summary = _run_batches(plan, store, options, on_batch)
@@ -471,11 +477,14 @@ def watch(
     idle_timeout: float | None = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> ScanSummary:
-    """Scan each checkpoint as soon as its save is committed, until ``until_step`` has been
-    scanned or nothing new has arrived for ``idle_timeout`` seconds.
+    """Scan each checkpoint as soon as its save is committed, until a step >= ``until_step``
+    is committed and every committed step has been scanned, or nothing new has arrived for
+    ``idle_timeout`` seconds.
 
     Single-process. Orbax finalises a save by renaming its tmp directory, so a step that
-    `steps()` lists is complete; steps still being written are never seen.
+    `steps()` lists is complete; steps still being written are never seen. A checkpoint
+    that fails is recorded and reported once and not retried while watch runs (a committed
+    checkpoint that cannot be read stays so); a later `scan` retries it.
     """
     if until_step is None and idle_timeout is None:
         raise ScanError("watch needs --until-step N or --idle-timeout SECONDS (or both), so that it ends")
@@ -483,35 +492,38 @@ def watch(
         raise ScanError("watch runs in one process; use scan under jax.distributed")
     total = ScanSummary(options.run or "", "")
     last_new = time.monotonic()
+    listed: list[int] = []  # the committed steps at the last scan
+    failed: set[int] = set()
     waiting_logged = False
     while True:
         source = open_source(options.source, allow_empty=True, mapping=options.mapping)
-        if source.steps():
-            summary = scan(dataclasses.replace(options, progress=False))
-            total.run, total.probe_hash = summary.run, summary.probe_hash
+        try:
+            steps = source.steps()
+        finally:
+            source.close()
+        if steps and steps != listed:  # something new: scan what is neither done nor failed
+            listed = steps
+            summary = scan(dataclasses.replace(options, progress=False), skip_steps=failed)
+            total.run, total.probe_hash, total.selected = summary.run, summary.probe_hash, summary.selected
+            for step, error in summary.failures:
+                log(f"watch: step {step} failed: {error}")
+            failed.update(step for step, _ in summary.failures)
             if summary.scanned or summary.failed:
                 last_new = time.monotonic()
                 total.scanned += summary.scanned
                 total.failed += summary.failed
                 total.failures += summary.failures
-                log(f"watch: scanned {summary.scanned} new checkpoint(s), {summary.failed} failed "
-                    f"(latest step {source.steps()[-1]})")  # fmt: skip
-            total.selected = summary.selected
-            if until_step is not None and max(source.steps()) >= until_step and until_step in _done(options, summary):
-                log(f"watch: step {until_step} is scanned; stopping")
-                return total
-        elif not waiting_logged:
+                log(f"watch: scanned {summary.scanned} new checkpoint(s), {summary.failed} failed (latest step {steps[-1]})")
+        elif not steps and not waiting_logged:
             log(f"watch: waiting for the first checkpoint in {options.source}")
             waiting_logged = True
+        if until_step is not None and listed and listed[-1] >= until_step:
+            log(f"watch: step {listed[-1]} >= {until_step} is committed and every committed step is scanned; stopping")
+            return total
         if idle_timeout is not None and time.monotonic() - last_new > idle_timeout:
             log(f"watch: no new checkpoint for {idle_timeout:g} s; stopping")
             return total
         time.sleep(poll_seconds)
-
-
-def _done(options: ScanOptions, summary: ScanSummary) -> set[int]:
-    with ResultStore.open(options.store, readonly=True) as store:
-        return store.done_steps(summary.run, summary.probe_hash)
 
 
 # --- progress ------------------------------------------------------------------------------

@@ -317,6 +317,30 @@ def test_watch_scans_checkpoints_written_while_it_runs(tmp_path):
     assert cli_main(["watch", str(directory), "--store", str(store), "--idle-timeout", "0", "--poll", "0.1", "--no-progress", *PROBE_ARGS]) == 0
 
 
+def test_watch_reports_a_broken_checkpoint_once_and_still_ends(tmp_path):
+    # A committed checkpoint that cannot be read stays unreadable: watch records it as
+    # failed once, instead of retrying it every poll (which kept its idle timer from ever
+    # running out), and --until-step on that very step ends with the failure.
+    directory = write_trajectory(tmp_path / "run-b", [0, 10, 20])
+    for array_file in (directory / "10" / PARAMS).rglob("*"):
+        if array_file.is_file() and array_file.stat().st_size > 0 and "ocdbt" in str(array_file) and "manifest" not in array_file.name:
+            array_file.write_bytes(b"\0" * 7)
+    options = ScanOptions(source=str(directory), store=str(tmp_path / "s.sqlite"), probe=PROBE, progress=False)
+    for until_step, idle_timeout in ((None, 1.0), (10, None)):
+        lines: list[str] = []
+        ended: list = []
+        thread = threading.Thread(
+            target=lambda: ended.append(watch(options, poll_seconds=0.1, until_step=until_step, idle_timeout=idle_timeout, log=lines.append)),
+            daemon=True,
+        )
+        thread.start()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), f"watch did not end: {lines[-3:]}"
+        summary = ended[0]
+        assert summary.failed == 1 and summary.failures[0][0] == 10, lines
+        assert sum("step 10" in line and "failed" in line for line in lines) == 1, lines
+
+
 # --- devices and processes -------------------------------------------------------------------
 
 
