@@ -321,7 +321,7 @@ def prepare(options: ScanOptions) -> tuple[_Prepared, Callable[[], ResultStore |
     resolve_load_workers(options.load_workers, mesh)
     dataset = load_dataset(options.dataset)
     available = source.steps()
-    spec = source.spec()
+    spec = source.spec(available[0])  # each listing of a large directory costs: list once
     selected = select_steps(options.steps, available)
     check_head_axis(spec, mesh)
     probes = make_probes(spec, _probe_config_for(options), dataset=dataset)

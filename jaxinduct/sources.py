@@ -61,8 +61,9 @@ class CheckpointSource(Protocol):
         """Committed steps, ascending; re-read on every call (a live run grows)."""
         ...
 
-    def spec(self) -> ModelSpec:
-        """The architecture, from metadata only."""
+    def spec(self, step: int | None = None) -> ModelSpec:
+        """The architecture, from metadata only: of ``step``, or of the first committed step
+        (which lists the steps: a caller that just listed them passes one)."""
         ...
 
     def load(self, step: int) -> LoadedCheckpoint: ...
@@ -187,9 +188,7 @@ class OrbaxSource:
     def _check_param_shapes(self, step: int, spec: ModelSpec) -> None:
         """Compare the params tree's metadata (shapes only, no arrays) with the spec."""
         layout = self.layout(step)
-        handlers = {PARAMS: ocp.StandardCheckpointHandler()}
-        with ocp.CheckpointManager(self.directory, options=reader_options(), item_handlers=handlers) as manager:
-            stored = manager.item_metadata(step)[PARAMS]
+        stored = self._reader(step).item_metadata(step)[PARAMS]
         flat_expected = {k: tuple(v.shape) for k, v in flatten_tree(_abstract_target(layout, spec)).items()}
         flat_stored = {k: tuple(v.shape) for k, v in flatten_tree(stored).items()}
         missing = sorted(set(flat_expected) - set(flat_stored))
@@ -214,7 +213,8 @@ class OrbaxSource:
 
     def _reader(self, step: int) -> ocp.CheckpointManager:
         """This thread's reader of params and meta items (created once, reloaded for new steps)."""
-        return self._thread_reader("manager", step, lambda: dict(item_names=(PARAMS, META)))
+        handlers = lambda: {PARAMS: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}  # noqa: E731
+        return self._thread_reader("manager", step, lambda: dict(item_handlers=handlers()))
 
     def _thread_reader(self, key: str, step: int, items: Callable[[], dict[str, Any]]) -> ocp.CheckpointManager:
         """This thread's CheckpointManager under ``key``, created with ``items()`` on first use."""

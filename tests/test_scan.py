@@ -227,7 +227,7 @@ class MemorySource:
     def steps(self):
         return self._steps
 
-    def spec(self):
+    def spec(self, step=None):
         return SPEC
 
     def close(self):
