@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from jaxtyping import Float
@@ -203,7 +203,7 @@ def head_formations(
     config: DetectionConfig = DetectionConfig(),
 ) -> dict[tuple[int, int], Change]:
     """Each head's own formation: a rise of its prefix_matching to the verdict threshold."""
-    signal = Signal("prefix_matching", +1.0, SIGNALS[0].min_jump, reaches_verdict=True)
+    signal = replace(SIGNALS[0], name="prefix_matching")  # one head's, not the maximum
     # A head that never reaches the threshold cannot have formed: skip its (costlier) fit.
     reached = np.nan_to_num(prefix_matching, nan=-np.inf).max(axis=0, initial=-np.inf) > config.formed_prefix
     found = {}
@@ -225,9 +225,16 @@ class RunSeries:
     series: dict[str, np.ndarray]  # SIGNALS names -> [n], NaN where not stored
 
 
-def run_series(store: ResultStore, run: str, probe_hash: str | None = None) -> RunSeries:
-    """The detection signals of ``run`` at ``probe_hash`` (its latest by default)."""
-    steps, grid = store.head_score_grid(run, "prefix_matching", probe_hash=probe_hash)
+def run_series(
+    store: ResultStore, run: str, probe_hash: str | None = None, *, prefix_matching: tuple[np.ndarray, np.ndarray] | None = None
+) -> RunSeries:
+    """The detection signals of ``run`` at ``probe_hash`` (its latest by default).
+
+    prefix_matching: the run's (steps, grid) of it, when the caller has already read it.
+    """
+    if prefix_matching is None:
+        prefix_matching = store.head_score_grid(run, "prefix_matching", probe_hash=probe_hash)
+    steps, grid = prefix_matching
     series: dict[str, np.ndarray] = {}
     if grid.size and not np.isnan(grid).all():
         flat = grid.reshape(len(steps), -1)

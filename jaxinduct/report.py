@@ -116,11 +116,11 @@ def load_run(store: ResultStore, name: str, source: str) -> RunData | None:
         return None
     thresholds = _thresholds(store, probe_hash)
     config = DetectionConfig(formed_prefix=thresholds[0])
-    series = run_series(store, name, probe_hash)
-    grids = {"prefix_matching": series.prefix_matching}
-    for metric in ("copying", "ov_copying", "induction_qk_positivity", "induction_behaviour",
-                   "induction_mechanism", "ablation_icl_delta", "ablation_icl_delta_pattern_preserving"):  # fmt: skip
-        grids[metric] = store.head_score_grid(name, metric, probe_hash=probe_hash)[1]
+    steps, grids = store.head_score_grids(name, (
+        "prefix_matching", "copying", "ov_copying", "induction_qk_positivity", "induction_behaviour",
+        "induction_mechanism", "ablation_icl_delta", "ablation_icl_delta_pattern_preserving",
+    ), probe_hash=probe_hash)  # fmt: skip
+    series = run_series(store, name, probe_hash, prefix_matching=(steps, grids["prefix_matching"]))
     phase = detect_phase_change(series.steps, series.series, config)
     formations = head_formations(series.steps, series.prefix_matching, config)
     flagged = set(formations)
@@ -294,8 +294,9 @@ def head_maps_figure(data: RunData, path: Path) -> Path:
     return _save(fig, path)
 
 
-def copying_vs_prefix_figure(data: RunData, path: Path, *, prefix_threshold: float, copying_threshold: float) -> Path:
+def copying_vs_prefix_figure(data: RunData, path: Path) -> Path:
     prefix, copying = data.series.prefix_matching, data.grids["copying"]
+    prefix_threshold, copying_threshold = data.thresholds
     fig = Figure(figsize=(7, 5.5), layout="constrained")
     ax = fig.subplots()
     steps = np.broadcast_to(data.steps[:, None, None], prefix.shape) if prefix.size else np.zeros(0)
@@ -606,8 +607,7 @@ def _run_figures(store: ResultStore, data: RunData, folder: Path) -> dict[str, P
     makers: list[tuple[str, Callable[[Path], Path | None]]] = [
         ("phase_change", lambda p: phase_change_figure(data, p)),
         ("head_maps", lambda p: head_maps_figure(data, p)),
-        ("copying_vs_prefix", lambda p: copying_vs_prefix_figure(data, p, prefix_threshold=data.thresholds[0],
-                                                                  copying_threshold=data.thresholds[1])),  # fmt: skip
+        ("copying_vs_prefix", lambda p: copying_vs_prefix_figure(data, p)),
         ("composition", lambda p: composition_figure(store, data, p)),
         ("per_token_loss", lambda p: per_token_loss_figure(data, p)),
         ("ablation", lambda p: ablation_figure(store, data, p)),

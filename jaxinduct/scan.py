@@ -406,7 +406,6 @@ def _run_batches(
     local_rows = _local_rows(plan.mesh, plan.batch)
     padding = make_weights_skeleton(plan.spec)
     shardings = weight_shardings(plan.spec, plan.mesh)
-    row_sharding = NamedSharding(plan.mesh, PartitionSpec(CKPT))
     progress = _Progress(len(plan.todo), enabled=options.progress and jax.process_index() == 0)
     started = time.perf_counter()
     batches = list(_batches(plan.todo, plan.batch))
@@ -428,8 +427,7 @@ def _run_batches(
             compute_start = time.perf_counter()
             placed = place_batch(local, plan.spec, shardings, plan.batch)
             # Rows without a checkpoint (padding, failed restores) are skipped, not scored.
-            valid = jax.make_array_from_callback(ok.shape, row_sharding, lambda index: ok[index])
-            results = gather_results(score_all(placed, plan.probes, checkpoints_per_pass=per_pass, valid=valid))
+            results = gather_results(score_all(placed, plan.probes, checkpoints_per_pass=per_pass, valid=ok))
             compute = time.perf_counter() - compute_start
             if index == 0:
                 summary.compile_seconds = compute

@@ -733,18 +733,28 @@ class ResultStore:
         The layer and head extents are those of every head score of the run at that probe
         hash, so a layer where ``metric`` is undefined throughout still has its NaN slice.
         """
+        steps, grids = self.head_score_grids(run, [metric], probe_hash=probe_hash)
+        return steps, grids[metric]
+
+    def head_score_grids(
+        self, run: str, metrics: Sequence[str], *, probe_hash: str | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """`head_score_grid` of several metrics: the steps and extents are read once."""
         resolved = self.resolve_probe_hash(run, probe_hash)
         if resolved is None:
-            return np.zeros(0, np.int64), np.zeros((0, 0, 0))
+            return np.zeros(0, np.int64), {metric: np.zeros((0, 0, 0)) for metric in metrics}
         steps = np.array(sorted(self.done_steps(run, resolved)), dtype=np.int64)
         n_layers, n_heads = self._conn.execute(
             "SELECT coalesce(max(layer) + 1, 0), coalesce(max(head) + 1, 0) FROM head_scores WHERE run = ? AND probe_hash = ?",
             (run, resolved),
         ).fetchone()
-        rows = self.head_scores(run, metric, probe_hash=resolved)
-        grid = np.full((len(steps), n_layers, n_heads), np.nan)
-        grid[np.searchsorted(steps, rows["step"]), rows["layer"], rows["head"]] = rows["value"]
-        return steps, grid
+        grids = {}
+        for metric in metrics:
+            rows = self.head_scores(run, metric, probe_hash=resolved)
+            grid = np.full((len(steps), n_layers, n_heads), np.nan)
+            grid[np.searchsorted(steps, rows["step"]), rows["layer"], rows["head"]] = rows["value"]
+            grids[metric] = grid
+        return steps, grids
 
 
 # --- export ------------------------------------------------------------------------------------

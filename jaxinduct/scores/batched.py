@@ -394,22 +394,16 @@ def _score_checkpoints(
     def one(w: Weights) -> ScoreResults:
         return _checkpoint_scores(w, probes, config)
 
-    if checkpoints_per_pass is None or valid is None or checkpoints_per_pass > 1:
-        # vmap within chunks, scan across them: the working set is that of one chunk. (A
-        # vmapped cond runs both branches, so rows are only skipped one at a time.)
-        if checkpoints_per_pass is None:
-            results = jax.vmap(one)(weights)
-        else:
-            results = jax.lax.map(one, weights, batch_size=checkpoints_per_pass)
-        return results if valid is None else _where_valid(valid, results)
-
-    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], weights))
-
-    def one_or_skipped(row: tuple[Weights, Array]) -> ScoreResults:
-        w, ok = row
-        return jax.lax.cond(ok, one, lambda _: _nan_like(shapes), w)
-
-    return jax.lax.map(one_or_skipped, (weights, valid))
+    if valid is not None and checkpoints_per_pass == 1:
+        # One row at a time, so rows without a checkpoint can be skipped (a vmapped cond
+        # would run both branches).
+        shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], weights))
+        return jax.lax.map(lambda row: jax.lax.cond(row[1], one, lambda _: _nan_like(shapes), row[0]), (weights, valid))
+    if checkpoints_per_pass is None:
+        results = jax.vmap(one)(weights)
+    else:  # vmap within chunks, scan across them: the working set is that of one chunk
+        results = jax.lax.map(one, weights, batch_size=checkpoints_per_pass)
+    return results if valid is None else _where_valid(valid, results)
 
 
 def _nan_like(shapes: ScoreResults) -> ScoreResults:
@@ -420,15 +414,7 @@ def _where_valid(valid: Bool[Array, " ckpt"], results: ScoreResults) -> ScoreRes
     return jax.tree.map(lambda x: jnp.where(valid.reshape(-1, *(1,) * (x.ndim - 1)), x, jnp.nan), results)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass"))
-def _score_all(
-    weights: Weights,
-    probes: ProbeArrays,
-    valid: Bool[Array, " ckpt"] | None,
-    config: ProbeConfig,
-    checkpoints_per_pass: int | None,
-) -> ScoreResults:
-    return _score_checkpoints(weights, probes, valid, config, checkpoints_per_pass)
+_score_all = jax.jit(_score_checkpoints, static_argnames=("config", "checkpoints_per_pass"))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass", "mesh", "axis", "manual"))
