@@ -9,7 +9,7 @@ committed step, on probes that the trainer never saw. Prints the curve and check
   - at least 40 committed Orbax steps;
   - some head in layer >= 1 goes from prefix_matching < 0.15 at the first step to
     > 0.6 at the last;
-  - phase-change detection (jaxinduct.phase) on this curve's max over heads finds an
+  - phase-change detection (jaxinduct.results.phase) on this curve's max over heads finds an
     interval that holds the first step where a head exceeds 0.5.
 
 Usage: python bench/quickstart_phase_change.py [--preset quickstart] [--out DIR] [--examples 32]
@@ -32,10 +32,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from jaxinduct.phase import detect_phase_change  # noqa: E402
-from jaxinduct.probes import default_token_pool, repeated_random_tokens  # noqa: E402
+from jaxinduct.results.phase import detect_phase_change  # noqa: E402
+from jaxinduct.scores.probes import default_token_pool, repeated_random_tokens  # noqa: E402
 from jaxinduct.scores.batched import head_prefix_matching  # noqa: E402
-from jaxinduct.trajectory import restore_weights  # noqa: E402
+from jaxinduct.checkpoints.layout import restore_weights  # noqa: E402
 
 TIME_LIMIT_S = 360
 MIN_STEPS = 40

@@ -6,7 +6,7 @@ All three read the same checkpoints of the same trajectory in one run, side by s
   else (the I/O floor a scan cannot beat without more reader threads);
 - one at a time: restore a checkpoint, score it (the same compiled kernels, a batch of
   one), write it to a store, next;
-- engine: `jaxinduct.scan.scan` (restores overlapped with compute by a thread pool, K
+- engine: `jaxinduct.engine.scan.scan` (restores overlapped with compute by a thread pool, K
   checkpoints per compiled batch, one store transaction per batch);
 - kernels alone: the engine's compiled batches on checkpoints already in memory (the
   compute floor; the engine cannot beat max(bare restore, kernels alone)).
@@ -33,15 +33,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from jaxinduct.probes import ProbeConfig, make_probes  # noqa: E402
+from jaxinduct.scores.probes import ProbeConfig, make_probes  # noqa: E402
 from jaxinduct.quickstart import ICL_EARLY, ICL_LATE, quickstart_dataset  # noqa: E402
-from jaxinduct.scan import ScanOptions, checkpoint_scores, gather_results, scan  # noqa: E402
+from jaxinduct.engine.scan import ScanOptions, checkpoint_scores, gather_results, scan  # noqa: E402
 from jaxinduct.scores.batched import score_all  # noqa: E402
-from jaxinduct.sources import OrbaxSource, _restore_target  # noqa: E402
-from jaxinduct.store import ResultStore  # noqa: E402
-from jaxinduct.train import get_preset, train  # noqa: E402
-from jaxinduct.trajectory import PARAMS, reader_options  # noqa: E402
-from jaxinduct.weights import stack_weights  # noqa: E402
+from jaxinduct.checkpoints.sources import OrbaxSource, _restore_target  # noqa: E402
+from jaxinduct.results.store import ResultStore  # noqa: E402
+from jaxinduct.train.trainer import get_preset, train  # noqa: E402
+from jaxinduct.checkpoints.layout import PARAMS, reader_options  # noqa: E402
+from jaxinduct.model.weights import stack_weights  # noqa: E402
 
 
 def bare_restore(source: OrbaxSource, steps: list[int]) -> None:
@@ -100,7 +100,7 @@ def main() -> None:
         dataset_file = str(work / "dataset.npy")
         np.save(dataset_file, dataset)
 
-    from jaxinduct.scan import parse_mesh, resolve_batch, resolve_per_pass
+    from jaxinduct.engine.scan import parse_mesh, resolve_batch, resolve_per_pass
 
     mesh = parse_mesh(None)
     k = resolve_batch(args.batch, mesh)

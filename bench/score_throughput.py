@@ -27,12 +27,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxinduct.probes import ProbeConfig, make_probes  # noqa: E402
-from jaxinduct.data import TiledBlocks  # noqa: E402
+from jaxinduct.scores.probes import ProbeConfig, make_probes  # noqa: E402
+from jaxinduct.train.data import TiledBlocks  # noqa: E402
 from jaxinduct.scores.batched import ProbeArrays, _checkpoint_scores, score_all  # noqa: E402
-from jaxinduct.train import get_preset  # noqa: E402
-from jaxinduct.trajectory import committed_steps, restore_weights  # noqa: E402
-from jaxinduct.weights import init_random_weights, stack_weights  # noqa: E402
+from jaxinduct.train.trainer import get_preset  # noqa: E402
+from jaxinduct.checkpoints.layout import committed_steps, restore_weights  # noqa: E402
+from jaxinduct.model.weights import init_random_weights, stack_weights  # noqa: E402
 
 
 def main() -> None:

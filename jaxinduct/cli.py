@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 from jaxinduct.errors import JaxInductError
 
 if TYPE_CHECKING:
-    from jaxinduct.scan import ScanOptions
+    from jaxinduct.engine.scan import ScanOptions
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jaxinduct.train import PRESETS, get_preset, train
+    from jaxinduct.train.trainer import PRESETS, get_preset, train
 
     if args.list_presets:
         for name, preset in PRESETS.items():
@@ -54,8 +54,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _scan_options(args: argparse.Namespace, **extra) -> "ScanOptions":
-    from jaxinduct.probes import ProbeConfig
-    from jaxinduct.scan import ScanOptions
+    from jaxinduct.scores.probes import ProbeConfig
+    from jaxinduct.engine.scan import ScanOptions
 
     probe = ProbeConfig()
     overrides = {
@@ -75,7 +75,7 @@ def _scan_options(args: argparse.Namespace, **extra) -> "ScanOptions":
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from jaxinduct.scan import scan
+    from jaxinduct.engine.scan import scan
 
     import jax
 
@@ -87,7 +87,7 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from jaxinduct.scan import watch
+    from jaxinduct.engine.scan import watch
 
     summary = watch(
         _scan_options(args), poll_seconds=args.poll, until_step=args.until_step, idle_timeout=args.idle_timeout
@@ -97,8 +97,8 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from jaxinduct.show import render_show
-    from jaxinduct.store import ResultStore
+    from jaxinduct.report.show import render_show
+    from jaxinduct.results.store import ResultStore
 
     with ResultStore.open(args.store, create=False, readonly=True) as store:
         print(render_show(store, run=args.run, metric=args.metric, step=args.step, top=args.top))
@@ -106,8 +106,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from jaxinduct.report import write_report
-    from jaxinduct.store import ResultStore
+    from jaxinduct.report.page import write_report
+    from jaxinduct.results.store import ResultStore
 
     with ResultStore.open(args.store, create=False, readonly=True) as store:
         report = write_report(store, args.out, run=args.run)
@@ -116,7 +116,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from jaxinduct.store import ResultStore, export
+    from jaxinduct.results.store import ResultStore, export
 
     with ResultStore.open(args.store, create=False, readonly=True) as store:
         rows = export(store, args.table, args.format, args.out, run=args.run)
@@ -125,7 +125,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from jaxinduct.convert import convert_hf
+    from jaxinduct.checkpoints.convert import convert_hf
 
     written = convert_hf(args.source, args.out, steps=args.steps)
     print(f"{len(written)} revisions written to {args.out}" + (f" (steps {written[0]}..{written[-1]})" if written else ""))

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxinduct.data import TiledBlocks
-from jaxinduct.probes import ProbeConfig
-from jaxinduct.report import write_report
-from jaxinduct.scan import ScanOptions, scan
-from jaxinduct.show import render_show
-from jaxinduct.store import ResultStore
-from jaxinduct.train import get_preset, train
+from jaxinduct.train.data import TiledBlocks
+from jaxinduct.scores.probes import ProbeConfig
+from jaxinduct.report.page import write_report
+from jaxinduct.engine.scan import ScanOptions, scan
+from jaxinduct.report.show import render_show
+from jaxinduct.results.store import ResultStore
+from jaxinduct.train.trainer import get_preset, train
 
 TRAJECTORY, STORE, DATASET, REPORT = "trajectory", "results.sqlite", "icl_dataset.npy", "report"
 # The quickstart context is 128 tokens, too short for Olsson's indices 500 and 50.

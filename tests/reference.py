@@ -1,7 +1,7 @@
 """An independent dense reference forward pass for tests: float64 numpy, one head at a time.
 
 Written from the definitions (TransformerLens conventions), sharing no code with
-jaxinduct.forward or jaxinduct.model.
+jaxinduct.model.forward or jaxinduct.model.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from jaxinduct.weights import Weights
+from jaxinduct.model.weights import Weights
 
 
 def _np(x):

@@ -9,10 +9,10 @@ import sys
 SCRIPT = """
 import jaxinduct  # first, as a user would: it sets the XLA flag before the backend starts
 import jax
-from jaxinduct.probes import ProbeConfig, make_probes
+from jaxinduct.scores.probes import ProbeConfig, make_probes
 from jaxinduct.scores.batched import score_all
-from jaxinduct.train import get_preset
-from jaxinduct.weights import init_random_weights, stack_weights
+from jaxinduct.train.trainer import get_preset
+from jaxinduct.model.weights import init_random_weights, stack_weights
 
 spec = get_preset("quickstart").model
 probes = make_probes(spec, ProbeConfig())
@@ -32,11 +32,11 @@ SHARDED_SCRIPT = """
 import jax
 jax.config.update("jax_num_cpu_devices", 2)
 import jaxinduct
-from jaxinduct.probes import ProbeConfig, make_probes
-from jaxinduct.scan import parse_mesh, place_batch, weight_shardings
+from jaxinduct.scores.probes import ProbeConfig, make_probes
+from jaxinduct.engine.scan import parse_mesh, place_batch, weight_shardings
 from jaxinduct.scores.batched import score_all
-from jaxinduct.train import get_preset
-from jaxinduct.weights import init_random_weights
+from jaxinduct.train.trainer import get_preset
+from jaxinduct.model.weights import init_random_weights
 
 spec = get_preset("quickstart").model
 probes = make_probes(spec, ProbeConfig())

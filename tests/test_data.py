@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxinduct.data import BYTE_BOS, ByteCorpus, TiledBlocks, read_corpus
+from jaxinduct.train.data import BYTE_BOS, ByteCorpus, TiledBlocks, read_corpus
 from jaxinduct.errors import CorpusError
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxinduct import forward as forward_module
+from jaxinduct.model import forward as forward_module
 from jaxinduct.errors import SpecError
-from jaxinduct.forward import forward
-from jaxinduct.model import model_from_weights
-from jaxinduct.weights import ModelSpec, init_random_weights
+from jaxinduct.model.forward import forward
+from jaxinduct.model.nnx import model_from_weights
+from jaxinduct.model.weights import ModelSpec, init_random_weights
 from tests.reference import reference_forward
 
 POSITIONAL = [("none", None), ("learned", None), ("shortformer", None), ("rotary", 8), ("rotary", 4)]

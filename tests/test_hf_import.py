@@ -29,9 +29,9 @@ from transformers import (
 )
 
 from jaxinduct.errors import JaxInductError
-from jaxinduct.forward import forward
-from jaxinduct.importers.hf import HFImportError, load_hf_weights, read_hf_config, spec_from_hf_config
-from jaxinduct.weights import ModelSpec
+from jaxinduct.model.forward import forward
+from jaxinduct.checkpoints.hf_weights import HFImportError, load_hf_weights, read_hf_config, spec_from_hf_config
+from jaxinduct.model.weights import ModelSpec
 
 SEQ = 12
 BATCH = 2
@@ -225,7 +225,7 @@ def test_reading_needs_neither_torch_nor_transformers(tmp_path):
     model_dir = save_model(tmp_path / "model", neox_config(), seed=8)
     script = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"  # any import now fails
-        "from jaxinduct.importers.hf import load_hf_weights\n"
+        "from jaxinduct.checkpoints.hf_weights import load_hf_weights\n"
         f"print(load_hf_weights({str(model_dir)!r}).spec.rotary_dim)\n"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

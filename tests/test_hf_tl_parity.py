@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from jaxinduct.importers.hf import load_hf_weights
-from jaxinduct.processing import process_weights
+from jaxinduct.checkpoints.hf_weights import load_hf_weights
+from jaxinduct.model.processing import process_weights
 from jaxinduct.scores.batched import all_composition_scores, detect_head
 from jaxinduct.scores.mechanistic import ov_copying
 from tests.test_hf_import import gpt2_config, save_model

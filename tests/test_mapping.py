@@ -1,4 +1,4 @@
-"""Declarative mappings (jaxinduct.mapping): someone else's Orbax params tree, scanned via a YAML.
+"""Declarative mappings (jaxinduct.checkpoints.mapping): someone else's Orbax params tree, scanned via a YAML.
 
 The foreign checkpoints are built by hand from canonical random weights by the inverse
 of the mapping's transforms; expected scores come from `score_all` on the canonical weights.
@@ -16,13 +16,13 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
-from jaxinduct.mapping import MappingError, apply_mapping, load_mapping, parse_mapping
-from jaxinduct.probes import ProbeConfig, make_probes
-from jaxinduct.scan import ScanOptions, probe_identity, scan
+from jaxinduct.checkpoints.mapping import MappingError, apply_mapping, load_mapping, parse_mapping
+from jaxinduct.scores.probes import ProbeConfig, make_probes
+from jaxinduct.engine.scan import ScanOptions, probe_identity, scan
 from jaxinduct.scores.batched import SCORES_VERSION, score_all
-from jaxinduct.sources import OrbaxSource, SourceError
-from jaxinduct.store import ResultStore
-from jaxinduct.weights import ModelSpec, expected_shapes, init_random_weights, stack_weights
+from jaxinduct.checkpoints.sources import OrbaxSource, SourceError
+from jaxinduct.results.store import ResultStore
+from jaxinduct.model.weights import ModelSpec, expected_shapes, init_random_weights, stack_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec(d_vocab=40, d_model=16, n_layers=2, n_heads=2, d_head=8, n_ctx=40, bos_token_id=0)
@@ -57,7 +57,7 @@ def canonical(step):
     w = init_random_weights(SPEC, step)
     arrays = {k: np.asarray(v) for k, v in w.arrays().items()}
     arrays["b_V"] = np.zeros_like(arrays["b_V"])  # the foreign model has no value bias
-    from jaxinduct.weights import make_weights
+    from jaxinduct.model.weights import make_weights
 
     return make_weights(SPEC, arrays)
 

@@ -7,14 +7,14 @@ import pytest
 from flax import nnx
 
 from jaxinduct.errors import SpecError
-from jaxinduct.model import (
+from jaxinduct.model.nnx import (
     Transformer,
     model_from_weights,
     model_to_weights,
     nnx_params_to_weights,
     weights_to_nnx_params,
 )
-from jaxinduct.weights import ModelSpec, init_random_weights
+from jaxinduct.model.weights import ModelSpec, init_random_weights
 
 SPECS = {
     "attn-only-learned": ModelSpec(d_vocab=13, d_model=8, n_layers=2, n_heads=2, d_head=4, n_ctx=7),

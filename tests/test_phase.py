@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxinduct.phase import (
+from jaxinduct.results.phase import (
     PHASE_METRICS,
     Signal,
     detect_phase_change,
@@ -16,7 +16,7 @@ from jaxinduct.phase import (
     head_formations,
     update_phase_change,
 )
-from jaxinduct.store import CheckpointScores, ResultStore
+from jaxinduct.results.store import CheckpointScores, ResultStore
 
 # The quickstart's save schedule: dense early, every 20 steps to 800, then every 100.
 STEPS = np.array([0, 1, 2, 4, 8, 16, *range(20, 801, 20), 900, 1000, 1100, 1200])

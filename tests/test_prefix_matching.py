@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from jaxinduct.errors import SpecError
-from jaxinduct.probes import default_token_pool, repeated_random_tokens
+from jaxinduct.scores.probes import default_token_pool, repeated_random_tokens
 from jaxinduct.scores.empirical import prefix_matching
-from jaxinduct.weights import ModelSpec
+from jaxinduct.model.weights import ModelSpec
 
 R = 5  # block length in these hand-built cases
 
@@ -91,7 +91,7 @@ def test_prefix_matching_vmaps_over_heads():
 
 def test_stacked_scores_equal_a_loop_over_checkpoints():
     from jaxinduct.scores.batched import head_prefix_matching, stacked_prefix_matching
-    from jaxinduct.weights import init_random_weights, stack_weights
+    from jaxinduct.model.weights import init_random_weights, stack_weights
 
     spec = ModelSpec(d_vocab=40, d_model=16, n_layers=2, n_heads=2, d_head=8, n_ctx=101, bos_token_id=0)
     checkpoints = [init_random_weights(spec, seed, scale=2.0) for seed in range(4)]

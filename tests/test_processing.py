@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinduct.forward import forward
-from jaxinduct.processing import process_weights
-from jaxinduct.weights import ModelSpec, init_random_weights
+from jaxinduct.model.forward import forward
+from jaxinduct.model.processing import process_weights
+from jaxinduct.model.weights import ModelSpec, init_random_weights
 
 forward = jax.jit(forward, static_argnames=("return_patterns",))
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from jaxinduct.cli import main as cli_main
-from jaxinduct.report import write_report
-from jaxinduct.store import CheckpointScores, ResultStore, StoreError
+from jaxinduct.report.page import write_report
+from jaxinduct.results.store import CheckpointScores, ResultStore, StoreError
 
 RUN, HASH = "toy", "h1"
 STEPS = [0, 1, 2, 4, 8, 16, *range(20, 801, 20), 1000]

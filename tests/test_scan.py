@@ -22,13 +22,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxinduct.cli import main as cli_main
-from jaxinduct.probes import ProbeConfig, make_probes
-from jaxinduct.scan import ScanOptions, parse_mesh, resolve_load_workers, resolve_per_pass, scan, watch
+from jaxinduct.scores.probes import ProbeConfig, make_probes
+from jaxinduct.engine.scan import ScanOptions, parse_mesh, resolve_load_workers, resolve_per_pass, scan, watch
 from jaxinduct.scores.batched import HEAD_SCORE_NAMES, PUBLIC_SCORE_NAMES, _score_all, _score_all_per_device, score_all
-from jaxinduct.sources import LoadedCheckpoint, OrbaxSource, select_steps
-from jaxinduct.store import ResultStore
-from jaxinduct.trajectory import META, PARAMS, save_canonical_step, writer_options
-from jaxinduct.weights import ModelSpec, init_random_weights, stack_weights
+from jaxinduct.checkpoints.sources import LoadedCheckpoint, OrbaxSource, select_steps
+from jaxinduct.results.store import ResultStore
+from jaxinduct.checkpoints.layout import META, PARAMS, save_canonical_step, writer_options
+from jaxinduct.model.weights import ModelSpec, init_random_weights, stack_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec(d_vocab=40, d_model=16, n_layers=2, n_heads=2, d_head=8, n_ctx=40, bos_token_id=0)
@@ -181,7 +181,7 @@ def test_public_names_are_what_score_all_returns():
 
 
 def test_nnx_layout_from_the_trainer(tmp_path):
-    from jaxinduct.train import get_preset, train
+    from jaxinduct.train.trainer import get_preset, train
 
     out = tmp_path / "tiny"
     train(get_preset("tiny"), out, progress=False)  # ctx 32, vocab 16
@@ -238,7 +238,7 @@ class MemorySource:
 
 
 def test_a_scan_of_200_checkpoints_compiles_once(tmp_path, monkeypatch):
-    import jaxinduct.scan as engine
+    import jaxinduct.engine.scan as engine
 
     source = MemorySource(list(range(200)))
     monkeypatch.setattr(engine, "open_source", lambda path, **options: source)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxinduct.probes import ProbeConfig, make_probes
+from jaxinduct.scores.probes import ProbeConfig, make_probes
 from jaxinduct.scores.batched import ProbeArrays, _checkpoint_scores, score_all
-from jaxinduct.weights import ModelSpec, init_random_weights, make_weights, stack_weights
+from jaxinduct.model.weights import ModelSpec, init_random_weights, make_weights, stack_weights
 from tests.reference import reference_forward
 
 V, N_CTX = 30, 101  # vocabulary (BOS = 0) and context; the standard probe is 101 tokens
@@ -192,7 +192,7 @@ def test_rows_marked_invalid_are_nan_and_the_others_unchanged(eight_checkpoints)
 def test_pair_scores_of_a_six_layer_model_equal_a_loop_over_pairs():
     # score_all computes pairs whose source layer comes first, source layers in blocks (here
     # [0, 1], [2], [3], [4]): every pair must land in its own cell, every other cell be NaN.
-    from jaxinduct.processing import process_weights
+    from jaxinduct.model.processing import process_weights
     from jaxinduct.scores import mechanistic
 
     spec = ModelSpec(d_vocab=40, d_model=16, n_layers=6, n_heads=2, d_head=4, n_ctx=101, bos_token_id=0)
@@ -221,7 +221,7 @@ def test_pair_scores_of_a_six_layer_model_equal_a_loop_over_pairs():
 def test_model_scores_equal_losses_from_the_reference_model(eight_checkpoints):
     from flax import nnx
 
-    from jaxinduct.model import model_from_weights
+    from jaxinduct.model.nnx import model_from_weights
 
     rng = np.random.default_rng(3)
     dataset = rng.integers(1, SPEC.d_vocab, size=(4, 60))
@@ -452,8 +452,8 @@ def uniform_attention_baselines(random_probe_length, block=25, repeats=4):
 def test_a_randomly_initialised_model_scores_near_the_documented_baselines():
     from flax import nnx
 
-    from jaxinduct.model import Transformer, model_to_weights
-    from jaxinduct.train import get_preset
+    from jaxinduct.model.nnx import Transformer, model_to_weights
+    from jaxinduct.train.trainer import get_preset
 
     spec = get_preset("quickstart").model
     weights = model_to_weights(Transformer(spec, rngs=nnx.Rngs(0)))
@@ -474,7 +474,7 @@ def test_a_randomly_initialised_model_scores_near_the_documented_baselines():
 
 
 def test_dataset_token_pool_excludes_special_most_and_least_frequent_tokens():
-    from jaxinduct.probes import token_pool
+    from jaxinduct.scores.probes import token_pool
 
     # Token t (1..39) appears t times; BOS (0) appears most of all; nothing else is present.
     dataset = np.concatenate([np.zeros(500, int)] + [np.full(t, t) for t in range(1, 40)])

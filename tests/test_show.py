@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxinduct import show as show_module
-from jaxinduct.show import format_value, format_verdict, render_show
-from jaxinduct.store import CheckpointScores, ResultStore, StoreError
+from jaxinduct.report import show as show_module
+from jaxinduct.report.show import format_value, format_verdict, render_show
+from jaxinduct.results.store import CheckpointScores, ResultStore, StoreError
 
 NAN = float("nan")
 RUN, HASH = "toy", "probe-a"

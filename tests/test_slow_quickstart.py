@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinduct.probes import default_token_pool, repeated_random_tokens
+from jaxinduct.scores.probes import default_token_pool, repeated_random_tokens
 from jaxinduct.scores.batched import head_prefix_matching
-from jaxinduct.train import get_preset, train
-from jaxinduct.trajectory import committed_steps, restore_weights
+from jaxinduct.train.trainer import get_preset, train
+from jaxinduct.checkpoints.layout import committed_steps, restore_weights
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,9 @@ def test_quickstart_forms_token_matching_induction_heads(tmp_path):
 
 
 def test_quickstart_end_to_end_reports_the_phase_change_where_the_heads_form(tmp_path, capsys):
-    from jaxinduct.phase import PHASE_METRICS
+    from jaxinduct.results.phase import PHASE_METRICS
     from jaxinduct.quickstart import REPORT, STORE, quickstart
-    from jaxinduct.store import ResultStore
+    from jaxinduct.results.store import ResultStore
 
     assert quickstart(tmp_path, progress=False) == 0
     printed = capsys.readouterr().out

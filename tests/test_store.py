@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import jaxinduct.store as store_module
+import jaxinduct.results.store as store_module
 from jaxinduct.errors import JaxInductError
-from jaxinduct.store import SCHEMA_VERSION, CheckpointScores, ResultStore, StoreError, export
+from jaxinduct.results.store import SCHEMA_VERSION, CheckpointScores, ResultStore, StoreError, export
 
 NAN = float("nan")
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +244,7 @@ def test_a_batch_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
 WRITER = r"""
 import sys, time
 import numpy as np
-import jaxinduct.store as S
+import jaxinduct.results.store as S
 
 path, first_step, hang = sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["--hang"]
 
@@ -522,5 +522,5 @@ def test_parquet_without_pyarrow_is_a_clear_error(two_run_store, tmp_path, monke
 
 
 def test_the_store_does_not_import_jax():
-    code = "import sys, jaxinduct.store; assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib')]"
+    code = "import sys, jaxinduct.results.store; assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib')]"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})

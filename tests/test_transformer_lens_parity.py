@@ -12,10 +12,10 @@ import pytest
 
 import torch
 
-from jaxinduct.forward import forward
-from jaxinduct.processing import process_weights
+from jaxinduct.model.forward import forward
+from jaxinduct.model.processing import process_weights
 from jaxinduct.scores.batched import all_composition_scores, detect_head
-from jaxinduct.weights import ModelSpec, init_random_weights
+from jaxinduct.model.weights import ModelSpec, init_random_weights
 from tests.tl_bridge import hooked_transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")

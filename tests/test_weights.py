@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxinduct.errors import SpecError
-from jaxinduct.weights import (
+from jaxinduct.model.weights import (
     ModelSpec,
     NormKind,
     PositionalScheme,

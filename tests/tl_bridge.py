@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from jaxinduct.weights import Weights
+from jaxinduct.model.weights import Weights
 
 _NORM = {"none": None, "layernorm": "LN", "rmsnorm": "RMS"}
 _POS = {"learned": "standard", "shortformer": "shortformer", "rotary": "rotary"}

@@ -12,9 +12,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxinduct.forward import ForwardOutput, forward
-from jaxinduct.probes import ProbeConfig, Probes, VerdictThresholds
-from jaxinduct.processing import process_weights
+from jaxinduct.model.forward import ForwardOutput, forward
+from jaxinduct.scores.probes import ProbeConfig, Probes, VerdictThresholds
+from jaxinduct.model.processing import process_weights
 from jaxinduct.scores.compat import DetectionPattern, ErrorMeasure, detection_pattern, pattern_similarity
 from jaxinduct.scores.empirical import copying, duplicate_token, prefix_matching, previous_token
 from jaxinduct.scores.mechanistic import (
@@ -28,7 +28,7 @@ from jaxinduct.scores.mechanistic import (
     qk_prev_token,
     v_composition,
 )
-from jaxinduct.weights import NormKind, PositionalScheme, Weights
+from jaxinduct.model.weights import NormKind, PositionalScheme, Weights
 
 
 def _summarised_forward(

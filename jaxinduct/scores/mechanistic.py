@@ -10,7 +10,7 @@ d_vocab x d_vocab (or d_model x d_model) matrix is ever formed:
 - Frobenius norms reduce to traces of d_head x d_head Gram matrices:
   |L R|_F^2 = tr(L^T L R R^T).
 
-Run these on processed weights (`jaxinduct.processing.process_weights`).
+Run these on processed weights (`jaxinduct.model.processing.process_weights`).
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ so a new layout (Hugging Face revisions, someone else's Flax tree) is one more c
 adapter here.
 
 Layouts of an Orbax CheckpointManager directory, named by each step's ``meta`` item
-(`jaxinduct.trajectory.Layout`):
+(`jaxinduct.checkpoints.layout.Layout`):
 
 - ``jaxinduct.nnx/1``: the reference model's NNX state (what ``jaxinduct train`` writes);
 - ``jaxinduct.canonical/1``: a plain dict of canonical arrays by name (``Weights.arrays()``),
-  what a user's own code can save with `jaxinduct.trajectory.save_canonical_step`.
+  what a user's own code can save with `jaxinduct.checkpoints.layout.save_canonical_step`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxinduct.errors import JaxInductError, RunDirError
-from jaxinduct.mapping import Mapping, apply_mapping, check_shapes, flatten_tree, load_mapping
-from jaxinduct.model import nnx_params_to_weights
-from jaxinduct.trajectory import META, PARAMS, RUN_FILE, Layout, abstract_nnx_params, reader_options
-from jaxinduct.weights import ModelSpec, Weights, expected_shapes, make_weights
+from jaxinduct.checkpoints.mapping import Mapping, apply_mapping, check_shapes, flatten_tree, load_mapping
+from jaxinduct.model.nnx import nnx_params_to_weights
+from jaxinduct.checkpoints.layout import META, PARAMS, RUN_FILE, Layout, abstract_nnx_params, reader_options
+from jaxinduct.model.weights import ModelSpec, Weights, expected_shapes, make_weights
 
 
 class SourceError(RunDirError):
@@ -113,7 +113,7 @@ class OrbaxSource:
     # between threads.
     _readers: threading.local = dataclasses.field(default_factory=threading.local, repr=False)
     _open_readers: list[ocp.CheckpointManager] = dataclasses.field(default_factory=list, repr=False)
-    # A declarative mapping (jaxinduct.mapping) for someone else's params tree: the spec comes
+    # A declarative mapping (jaxinduct.checkpoints.mapping) for someone else's params tree: the spec comes
     # from it, the params from its Orbax item, restored as a plain tree; no meta item is read.
     mapping: Mapping | None = None
 
@@ -122,7 +122,7 @@ class OrbaxSource:
         cls, path: str | os.PathLike, *, allow_empty: bool = False, mapping: str | os.PathLike | Mapping | None = None
     ) -> OrbaxSource:
         """Check that ``path`` is a checkpoint directory; ``allow_empty`` for a run yet to save;
-        ``mapping`` (a YAML file, see `jaxinduct.mapping`) for a tree in someone else's layout."""
+        ``mapping`` (a YAML file, see `jaxinduct.checkpoints.mapping`) for a tree in someone else's layout."""
         directory = Path(path).expanduser().resolve()  # Orbax wants absolute paths
         if not directory.exists():
             raise SourceError(f"{directory} does not exist; give the directory a training run saves checkpoints to")
@@ -348,13 +348,13 @@ class HFSource:
         return sorted(self._revisions())
 
     def spec(self, step: int | None = None) -> ModelSpec:
-        from jaxinduct.importers.hf import read_hf_config, spec_from_hf_config
+        from jaxinduct.checkpoints.hf_weights import read_hf_config, spec_from_hf_config
 
         path = self._revision(min(self._revisions()) if step is None else step)
         return spec_from_hf_config(read_hf_config(path), source=path / HF_CONFIG)
 
     def load(self, step: int) -> LoadedCheckpoint:
-        from jaxinduct.importers.hf import load_hf_weights
+        from jaxinduct.checkpoints.hf_weights import load_hf_weights
 
         path = self._revision(step)
         weights = load_hf_weights(path)
@@ -380,7 +380,7 @@ def open_source(
     path: str | os.PathLike, *, allow_empty: bool = False, mapping: str | os.PathLike | None = None
 ) -> CheckpointSource:
     """The source for a path: a Hugging Face model or revision directory, else Orbax
-    (read through ``mapping``, a `jaxinduct.mapping` YAML file, when given)."""
+    (read through ``mapping``, a `jaxinduct.checkpoints.mapping` YAML file, when given)."""
     directory = Path(path).expanduser().resolve()
     hf = HFSource.detect(directory) if directory.is_dir() else None
     if hf is not None:

@@ -40,7 +40,7 @@ stored ``[out, in]``, so every matrix is transposed:
 - ``input_layernorm``, ``post_attention_layernorm``, ``gpt_neox.final_layer_norm``;
 - attention biases are absent when ``attention_bias`` is false (zeros then);
 - rotary on the first ``int(d_head * partial_rotary_factor)`` dims of each query and
-  key, halves rotated against each other (what `jaxinduct.forward` implements);
+  key, halves rotated against each other (what `jaxinduct.model.forward` implements);
   ``use_parallel_residual`` selects ``x + attn(ln1 x) + mlp(ln2 x)``.
 
 Buffers that older checkpoints also hold (GPT-2 ``attn.bias``/``attn.masked_bias``,
@@ -61,7 +61,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jaxinduct.errors import JaxInductError, SpecError
-from jaxinduct.weights import Activation, ModelSpec, Weights, make_weights
+from jaxinduct.model.weights import Activation, ModelSpec, Weights, make_weights
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"

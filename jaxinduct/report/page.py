@@ -41,10 +41,10 @@ from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from jaxinduct.probes import VerdictThresholds
-from jaxinduct.phase import Change, DetectionConfig, PhaseChange, RunSeries, detect_phase_change, head_formations, run_series
-from jaxinduct.show import format_value, head_name, run_sources
-from jaxinduct.store import CheckpointRecord, ResultStore
+from jaxinduct.scores.probes import VerdictThresholds
+from jaxinduct.results.phase import Change, DetectionConfig, PhaseChange, RunSeries, detect_phase_change, head_formations, run_series
+from jaxinduct.report.show import format_value, head_name, run_sources
+from jaxinduct.results.store import CheckpointRecord, ResultStore
 
 DPI = 110
 NOT_DEFINED_GREY = "0.82"  # cells and points whose score is not defined (NaN)

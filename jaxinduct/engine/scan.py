@@ -13,7 +13,7 @@ Data flow (docs/DESIGN: discovery -> adapter -> batcher -> placement -> kernels 
    per-head leaves, along head;
 4. kernels: `score_all` (one jit + vmap);
 5. store: one transaction per batch (process 0 only); after the last, the run's phase
-   change is detected again from everything stored (`jaxinduct.phase`).
+   change is detected again from everything stored (`jaxinduct.results.phase`).
 
 Under ``jax.distributed`` (several processes, one per host), each process restores only
 the rows of a batch that live on its own devices, the global batch is assembled from
@@ -40,12 +40,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinduct.errors import JaxInductError
-from jaxinduct.phase import update_phase_change
-from jaxinduct.probes import ProbeConfig, Probes, make_probes
+from jaxinduct.results.phase import update_phase_change
+from jaxinduct.scores.probes import ProbeConfig, Probes, make_probes
 from jaxinduct.scores.batched import PUBLIC_SCORE_NAMES, SCORES_VERSION, ScoreResults, score_all
-from jaxinduct.sources import CheckpointSource, LoadedCheckpoint, open_source, select_steps
-from jaxinduct.store import CheckpointScores, ResultStore
-from jaxinduct.weights import ModelSpec, Weights, expected_shapes, make_weights
+from jaxinduct.checkpoints.sources import CheckpointSource, LoadedCheckpoint, open_source, select_steps
+from jaxinduct.results.store import CheckpointScores, ResultStore
+from jaxinduct.model.weights import ModelSpec, Weights, expected_shapes, make_weights
 
 CKPT, HEAD = "ckpt", "head"
 DEFAULT_BATCH = 8
@@ -189,7 +189,7 @@ def probe_identity(
     probes: Probes, scores: tuple[str, ...] | None, mapping_digest: str | None = None
 ) -> tuple[str, str]:
     """(hash, JSON) identifying the results: the probes, which scores are kept and, for a
-    source read through a mapping (`jaxinduct.mapping.Mapping.digest`), the mapping."""
+    source read through a mapping (`jaxinduct.checkpoints.mapping.Mapping.digest`), the mapping."""
     config = dataclasses.asdict(probes.config)
     record = {
         "probes": config,

@@ -14,8 +14,8 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 
 from jaxinduct.errors import RunDirError
-from jaxinduct.sources import HFSource, select_steps
-from jaxinduct.trajectory import META, PARAMS, save_canonical_step, writer_lock, writer_options
+from jaxinduct.checkpoints.sources import HFSource, select_steps
+from jaxinduct.checkpoints.layout import META, PARAMS, save_canonical_step, writer_lock, writer_options
 
 
 def convert_hf(source: str | os.PathLike, out: str | os.PathLike, *, steps: str = "all") -> list[int]:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxinduct.errors import SpecError
-from jaxinduct.weights import LAYER_FIELDS, Activation, ModelSpec, NormKind, PositionalScheme, Weights
+from jaxinduct.model.weights import LAYER_FIELDS, Activation, ModelSpec, NormKind, PositionalScheme, Weights
 
 _einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from jaxtyping import Float
 
-from jaxinduct.store import ResultStore
+from jaxinduct.results.store import ResultStore
 
 PHASE_METRICS = ("phase_change_start", "phase_change_end")
 

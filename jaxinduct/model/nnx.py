@@ -1,7 +1,7 @@
 """The reference model: a Flax NNX transformer that the trainer trains.
 
 It covers every architecture a `ModelSpec` describes, and is deliberately written
-independently of `jaxinduct.forward` (flax's own Linear/LayerNorm/RMSNorm layers,
+independently of `jaxinduct.model.forward` (flax's own Linear/LayerNorm/RMSNorm layers,
 fused head projections, `jax.nn.dot_product_attention`, rotary as a complex
 rotation) so that each checks the other in the tests.
 
@@ -21,7 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxinduct.errors import SpecError
-from jaxinduct.weights import Activation, ModelSpec, NormKind, PositionalScheme, Weights, make_weights
+from jaxinduct.model.weights import Activation, ModelSpec, NormKind, PositionalScheme, Weights, make_weights
 
 # GPT-2-style init, N(0, 0.02) for every matrix. Measured on the quickstart corpus: with
 # flax's default lecun-normal kernels the 2-layer model sits on a "bag of tokens" loss

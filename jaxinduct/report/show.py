@@ -1,6 +1,6 @@
 """What ``jaxinduct show`` prints: the top heads of a run at one step, as a terminal table.
 
-``render_show`` reads a results store (``jaxinduct.store``) and returns the text; the CLI
+``render_show`` reads a results store (``jaxinduct.results.store``) and returns the text; the CLI
 only prints it. Pure Python and numpy, no JAX, so ``show`` starts in a blink and runs
 wherever the store can be copied to.
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxinduct.phase import PHASE_METRICS  # model-level rows whose value is a step
-from jaxinduct.store import CheckpointRecord, ResultStore, StoreError
+from jaxinduct.results.phase import PHASE_METRICS  # model-level rows whose value is a step
+from jaxinduct.results.store import CheckpointRecord, ResultStore, StoreError
 
 DEFAULT_METRIC = "prefix_matching"
 FORMED_THRESHOLD = 0.5  # "formed": the metric first exceeds this (strict >), as the verdicts use strict >

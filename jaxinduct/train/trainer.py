@@ -30,12 +30,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxinduct import __version__
-from jaxinduct.data import BYTE_BOS, BYTE_VOCAB, ByteCorpus, TiledBlocks, corpus_digest, read_corpus
+from jaxinduct.train.data import BYTE_BOS, BYTE_VOCAB, ByteCorpus, TiledBlocks, corpus_digest, read_corpus
 from jaxinduct.errors import ConfigError, RunDirError
-from jaxinduct.model import Transformer, nnx_params_to_weights
-from jaxinduct.probes import default_token_pool, repeated_random_tokens
+from jaxinduct.model.nnx import Transformer, nnx_params_to_weights
+from jaxinduct.scores.probes import default_token_pool, repeated_random_tokens
 from jaxinduct.scores.batched import head_prefix_matching
-from jaxinduct.trajectory import (
+from jaxinduct.checkpoints.layout import (
     LOCK_FILE,
     META,
     OPT_STATE,
@@ -48,7 +48,7 @@ from jaxinduct.trajectory import (
     writer_lock,
     writer_options,
 )
-from jaxinduct.weights import ModelSpec
+from jaxinduct.model.weights import ModelSpec
 
 
 class DataKind(enum.StrEnum):

@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Bool, Int
 
 from jaxinduct.errors import SpecError
-from jaxinduct.weights import ModelSpec
+from jaxinduct.model.weights import ModelSpec
 
 
 def default_token_pool(spec: ModelSpec) -> np.ndarray:

@@ -1,14 +1,14 @@
 """Declarative mappings from someone else's checkpoint tree to canonical weights.
 
 A mapping is a small YAML file that tells jaxinduct where the canonical tensors of
-`jaxinduct.weights.Weights` live in the params tree of an Orbax checkpoint written by
+`jaxinduct.model.weights.Weights` live in the params tree of an Orbax checkpoint written by
 other code (Flax linen or NNX state, or any plain dict of arrays), so that such a
 trajectory can be scanned with ``jaxinduct scan DIR --mapping FILE`` and no Python.
 See ``docs/mappings/`` for shipped examples.
 
 Schema::
 
-    spec:                  # a ModelSpec (jaxinduct.weights.ModelSpec.from_dict): required
+    spec:                  # a ModelSpec (jaxinduct.model.weights.ModelSpec.from_dict): required
       d_vocab: 50304
       d_model: 768
       n_layers: 12
@@ -38,17 +38,17 @@ tensors (W_Q ... b_O, ln1_*, ln2_*, W_in ... b_out) put ``{layer}`` in their pat
 are read once per layer and stacked; a per-layer path without ``{layer}`` names a tensor
 already stacked on a leading layer axis (e.g. from ``nn.scan``), and the transforms are
 applied to each layer's slice. ``transpose`` is applied after reading, before
-``split_heads``. Every tensor the spec needs (`jaxinduct.weights.expected_shapes`) must be
+``split_heads``. Every tensor the spec needs (`jaxinduct.model.weights.expected_shapes`) must be
 mapped; each result must have exactly the expected shape. Validation is strict: unknown
 or duplicate keys, ``zeros`` other than ``true`` (or on a tensor that is not a bias) and a
 ``transpose`` other than ``true`` or a list of axis numbers are errors.
 
 The parsed mapping (spec, item and rules; not the YAML's formatting or comments) is part
-of the results' identity (`jaxinduct.scan.probe_identity`): rescanning into the same store
+of the results' identity (`jaxinduct.engine.scan.probe_identity`): rescanning into the same store
 with a corrected mapping scans every checkpoint again, under a new probe hash.
 
 What a mapping cannot express today (convert such checkpoints with Python instead,
-e.g. `jaxinduct.weights.make_weights` and a canonical trajectory):
+e.g. `jaxinduct.model.weights.make_weights` and a canonical trajectory):
 
 * ``{layer}`` is replaced by 0, 1, ..., n_layers - 1, unpadded: layers numbered from 1
   (``h_1``), zero-padded (``layer_01``) or named otherwise cannot be matched;
@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinduct.errors import JaxInductError, SpecError
-from jaxinduct.weights import ARRAY_FIELDS, LAYER_FIELDS, ModelSpec, Weights, expected_shapes, make_weights
+from jaxinduct.model.weights import ARRAY_FIELDS, LAYER_FIELDS, ModelSpec, Weights, expected_shapes, make_weights
 
 DEFAULT_ITEM = "params"
 LAYER = "{layer}"

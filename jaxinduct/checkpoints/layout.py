@@ -32,8 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxinduct.errors import RunDirError
-from jaxinduct.model import nnx_params_to_weights, weights_to_nnx_params
-from jaxinduct.weights import ModelSpec, Weights, expected_shapes, make_weights
+from jaxinduct.model.nnx import nnx_params_to_weights, weights_to_nnx_params
+from jaxinduct.model.weights import ModelSpec, Weights, expected_shapes, make_weights
 
 RUN_FILE = "jaxinduct_run.json"
 LOCK_FILE = "jaxinduct_run.lock"
@@ -41,7 +41,7 @@ PARAMS, OPT_STATE, META = "params", "opt_state", "meta"
 
 
 class Layout(enum.StrEnum):
-    """How a step's ``params`` item is laid out; one adapter to Weights each (jaxinduct.sources)."""
+    """How a step's ``params`` item is laid out; one adapter to Weights each (jaxinduct.checkpoints.sources)."""
 
     NNX = "jaxinduct.nnx/1"  # the reference model's nnx.to_pure_dict tree
     CANONICAL = "jaxinduct.canonical/1"  # a plain dict of canonical arrays by name (Weights.arrays())
@@ -136,7 +136,7 @@ def committed_steps(directory: str | os.PathLike) -> list[int]:
 
 def restore_weights(directory: str | os.PathLike, step: int) -> tuple[Weights, dict[str, Any]]:
     """Canonical Weights and the meta dict of one step of a jaxinduct trajectory (either layout)."""
-    from jaxinduct.sources import OrbaxSource  # the adapters live there; this is a shortcut
+    from jaxinduct.checkpoints.sources import OrbaxSource  # the adapters live there; this is a shortcut
 
     source = OrbaxSource.open(directory)
     try:

@@ -31,7 +31,7 @@ import dataclasses
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxinduct.weights import NormKind, PositionalScheme, Weights
+from jaxinduct.model.weights import NormKind, PositionalScheme, Weights
 
 
 def process_weights(
