@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from jaxinduct.results.phase import detect_phase_change  # noqa: E402
 from jaxinduct.scores.probes import default_token_pool, repeated_random_tokens  # noqa: E402
 from jaxinduct.scores.batched import head_prefix_matching  # noqa: E402
-from jaxinduct.checkpoints.layout import restore_weights  # noqa: E402
+from jaxinduct.checkpoints.orbax import OrbaxSource, restore_weights  # noqa: E402
 
 TIME_LIMIT_S = 360
 MIN_STEPS = 40
@@ -70,9 +70,11 @@ def report(out: Path, train_seconds: float, n_examples: int) -> int:
         repeated_random_tokens(default_token_pool(spec), n_examples=n_examples, bos_token_id=spec.bos_token_id, seed=0)
     )
     rows = []
+    source = OrbaxSource.open(out)
     for step in steps:
-        weights, meta = restore_weights(out, step)
-        rows.append((step, meta["tokens_seen"], meta["loss"], np.asarray(head_prefix_matching(weights, tokens))))
+        weights, meta = source.load_with_meta(step)
+        rows.append((step, meta.tokens_seen, meta.loss, np.asarray(head_prefix_matching(weights, tokens))))
+    source.close()
 
     print(f"\nprefix_matching per head ({n_examples} probe sequences of length {tokens.shape[1]}), {len(steps)} steps")
     header = "   step   tokens    loss  " + "  ".join(f"L{layer}max" for layer in range(spec.n_layers - 1))

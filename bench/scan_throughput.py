@@ -31,25 +31,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 
 from jaxinduct.scores.probes import ProbeConfig, make_probes  # noqa: E402
 from jaxinduct.quickstart import ICL_EARLY, ICL_LATE, quickstart_dataset  # noqa: E402
-from jaxinduct.engine.scan import ScanOptions, checkpoint_scores, gather_results, scan  # noqa: E402
+from jaxinduct.engine.scan import ScanConfig, checkpoint_scores, scan  # noqa: E402
+from jaxinduct.parallel import gather_results  # noqa: E402
 from jaxinduct.scores.batched import score_all  # noqa: E402
-from jaxinduct.checkpoints.sources import OrbaxSource, _restore_target  # noqa: E402
+from jaxinduct.checkpoints.orbax import OrbaxSource  # noqa: E402
 from jaxinduct.results.store import ResultStore  # noqa: E402
 from jaxinduct.train.trainer import get_preset, train  # noqa: E402
-from jaxinduct.checkpoints.layout import PARAMS, reader_options  # noqa: E402
+from jaxinduct.checkpoints.layout import params_target, reader_item_handlers, reader_manager, restore_tree  # noqa: E402
 from jaxinduct.model.weights import stack_weights  # noqa: E402
 
 
 def bare_restore(source: OrbaxSource, steps: list[int]) -> None:
-    target = _restore_target(source.layout(steps[0]), source.spec(steps[0]))
-    with ocp.CheckpointManager(source.directory, options=reader_options(), item_names=(PARAMS,)) as manager:
+    meta = source.meta(steps[0])
+    target = params_target(meta.layout, meta.spec)
+    with reader_manager(source.directory, reader_item_handlers(with_meta=False)) as manager:
         for step in steps:
-            params = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
-            jax.block_until_ready(params)
+            jax.block_until_ready(restore_tree(manager, step, target))
 
 
 def one_at_a_time(source: OrbaxSource, steps: list[int], probe: ProbeConfig, dataset, store_path: Path) -> None:
@@ -60,13 +60,13 @@ def one_at_a_time(source: OrbaxSource, steps: list[int], probe: ProbeConfig, dat
         for step in steps:
             loaded = source.load(step)
             results = gather_results(score_all(stack_weights([loaded.weights]), probes))
-            record = checkpoint_scores(results, 0, step, loaded.tokens_seen, 0.0, keep=lambda name: True)
+            record = checkpoint_scores(results, 0, step, loaded.tokens_seen, 0.0)
             store.write_batch("loop", "loop", [record])
 
 
 def engine(trajectory: Path, probe: ProbeConfig, dataset_file: str | None, batch: int | None, per_pass,
            store_path: Path) -> None:  # fmt: skip
-    scan(ScanOptions(source=str(trajectory), store=str(store_path), probe=probe, dataset=dataset_file, batch=batch,
+    scan(ScanConfig(source=str(trajectory), store=str(store_path), probe=probe, dataset=dataset_file, batch=batch,
                      per_pass=per_pass, progress=False))  # fmt: skip
 
 
@@ -100,7 +100,8 @@ def main() -> None:
         dataset_file = str(work / "dataset.npy")
         np.save(dataset_file, dataset)
 
-    from jaxinduct.engine.scan import parse_mesh, resolve_batch, resolve_per_pass
+    from jaxinduct.engine.scan import resolve_batch, resolve_per_pass
+    from jaxinduct.parallel import parse_mesh
 
     mesh = parse_mesh(None)
     k = resolve_batch(args.batch, mesh)

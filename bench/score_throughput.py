@@ -31,7 +31,8 @@ from jaxinduct.scores.probes import ProbeConfig, make_probes  # noqa: E402
 from jaxinduct.train.data import TiledBlocks  # noqa: E402
 from jaxinduct.scores.batched import ProbeArrays, _checkpoint_scores, score_all  # noqa: E402
 from jaxinduct.train.trainer import get_preset  # noqa: E402
-from jaxinduct.checkpoints.layout import committed_steps, restore_weights  # noqa: E402
+from jaxinduct.checkpoints.layout import committed_steps  # noqa: E402
+from jaxinduct.checkpoints.orbax import restore_weights  # noqa: E402
 from jaxinduct.model.weights import init_random_weights, stack_weights  # noqa: E402
 
 

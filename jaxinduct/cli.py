@@ -1,45 +1,178 @@
-"""The `jaxinduct` command: parses options and calls the Python API, nothing more."""
+"""The `jaxinduct` command: one typed config per command, and a main(config) that calls the Python API.
+
+Each command is a frozen dataclass whose fields are its flags: names, types, defaults and
+help all come from the fields (a default is written once, in the field), parsed by tyro.
+`ScanConfig` (`jaxinduct.engine.scan`) is also the scan engine's own input, so a scan
+started from Python and one started from the shell take the same value.
+
+Every command also reads its config from a YAML file (``--config FILE``; flags given on the
+command line override it) and can print the config it resolved (``--print-config``) as
+YAML that ``--config`` reads back: the TPU topology configs in tpu_configs/ are such files.
+
+Why tyro: it derives a complete CLI from type annotations and field docstrings alone
+(nested dataclasses, unions, literals, tuples, custom one-word spellings), takes a default
+instance so a YAML file can seed it, and needs no decorators or base classes on the config
+types, which stay plain dataclasses that the Python API uses directly. draccus (Levanter's)
+ties the config file to its own flag and flattens nothing; jsonargparse spells nested flags
+with underscores and needs its own parser objects around every command.
+
+Commands import their modules only when they run, so `show` and `export` start without
+loading JAX.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import enum
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
-from jaxinduct.errors import JaxInductError
+import tyro
+import yaml
 
-if TYPE_CHECKING:
-    from jaxinduct.engine.scan import ScanOptions
+from jaxinduct import __version__
+from jaxinduct.errors import ConfigError, JaxInductError
+from jaxinduct.flags import SourcePath
+
+# --- the configs of the commands whose Python API takes plain arguments -----------------------
 
 
-def _train(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class TrainCommandConfig:
+    """Train a small reference model on built-in data (or a text corpus) and save checkpoints
+    dense early and sparse late. Re-running with the same options resumes."""
+
+    out: str | None = None
+    """trajectory directory (new, empty, or a run of the same config to resume)"""
+    preset: str = "quickstart"
+    """model + data preset (see --list-presets)"""
+    corpus: str | None = None
+    """train byte-level on this text file or folder instead of generated data"""
+    steps: int | None = None
+    """optimizer steps (default: the preset's)"""
+    seed: int | None = None
+    """seed for init and data (default: the preset's)"""
+    batch_size: int | None = None
+    """sequences per optimizer step (default: the preset's)"""
+    learning_rate: float | None = None
+    """peak learning rate (default: the preset's)"""
+    progress: bool = True
+    """show progress"""
+    list_presets: bool = False
+    """list presets and exit"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShowConfig:
+    """Print the top heads and model scores of a store."""
+
+    store: str
+    """results store (SQLite file)"""
+    run: str | None = None
+    """run name (default: every run in the store)"""
+    metric: str = "prefix_matching"
+    """head score to rank by (`jaxinduct scores` lists them)"""
+    step: int | None = None
+    """checkpoint step (default: the last scanned)"""
+    top: int = 10
+    """how many heads"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """Figures of each run (phase change, head maps, copying vs prefix matching,
+    K-composition, per-token loss, ablations, verdicts) and OUT/index.html embedding them.
+    Reads the store only; the page needs no network."""
+
+    store: str
+    """results store (SQLite file)"""
+    out: str
+    """output directory (created; its report files are replaced)"""
+    run: str | None = None
+    """only this run (default: every run in the store)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Write a store's scores as CSV or Parquet."""
+
+    store: str
+    """results store (SQLite file)"""
+    table: Literal["heads", "pairs", "model"]
+    """which scores"""
+    format: Literal["csv", "parquet"]
+    """file format"""
+    out: str
+    """output file"""
+    run: str | None = None
+    """only this run (default: all)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertHFConfig:
+    """Write each selected Hugging Face revision (config.json + safetensors) as one Orbax step
+    in jaxinduct's canonical layout. Resumable."""
+
+    source: SourcePath
+    """Hugging Face revisions (stepN, checkpoint-N, revision-*) or one model directory"""
+    out: str
+    """Orbax trajectory directory to write"""
+    steps: str = "all"
+    """which revisions: all | latest | N | A:B | A:B:S | every:N, comma-separated"""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartConfig:
+    """The built-in default job: trains the quickstart preset into OUT/trajectory (about 3
+    minutes on 2 CPU cores), scans every checkpoint into OUT/results.sqlite, shows the heads
+    that became induction heads and writes a report (OUT/report/index.html). Re-running
+    resumes training and scanning."""
+
+    out: str = "runs/quickstart"
+    """output directory"""
+    progress: bool = True
+    """show progress"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoresConfig:
+    """List every score jaxinduct computes: name, kind, family and what it measures
+    (docs/scores.md defines each)."""
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+
+def _train(config: TrainCommandConfig) -> int:
     from jaxinduct.train.trainer import PRESETS, get_preset, train
 
-    if args.list_presets:
+    if config.list_presets:
         for name, preset in PRESETS.items():
             m = preset.model
             shape = f"{m.n_layers}L {m.n_heads}H d_model={m.d_model} ctx={m.n_ctx}"
             kind = "attn-only" if m.attn_only else "MLP"
             print(f"{name:16s} {shape}, {kind}, {m.positional.value} positions, {preset.data.kind} data, {preset.steps} steps")
         return 0
-    if args.out is None:
+    if config.out is None:
         raise JaxInductError("train needs --out DIR (where the Orbax trajectory is written)")
-    config = get_preset(args.preset)
+    preset = get_preset(config.preset)
     overrides = {
-        "steps": args.steps,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
+        "steps": config.steps,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
     }
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    if args.corpus is not None:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, kind="bytes", corpus=args.corpus))
-    result = train(config, args.out, progress=not args.no_progress)
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    if config.corpus is not None:
+        preset = dataclasses.replace(preset, data=dataclasses.replace(preset.data, kind="bytes", corpus=config.corpus))
+    result = train(preset, config.out, progress=config.progress)
     print(f"trajectory: {result.out}")
-    if result.resumed_from == config.steps:
+    if result.resumed_from == preset.steps:
         print("the run was already complete; nothing was trained")
     elif result.resumed_from is not None:
         print(f"resumed after committed step {result.resumed_from}")
@@ -53,226 +186,307 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scan_options(args: argparse.Namespace, **extra) -> "ScanOptions":
-    from jaxinduct.scores.probes import ProbeConfig
-    from jaxinduct.engine.scan import ScanOptions
-
-    probe = ProbeConfig()
-    overrides = {
-        "n_examples": args.examples,
-        "block_len": args.block_len,
-        "n_repeats": args.repeats,
-        "icl_late": args.icl_late,
-        "icl_early": args.icl_early,
-    }
-    probe = dataclasses.replace(probe, **{k: v for k, v in overrides.items() if v is not None})
-    scores = tuple(s.strip() for s in args.scores.split(",") if s.strip()) if args.scores else None
-    return ScanOptions(
-        source=args.source, store=args.store, run=args.run, steps=args.steps, scores=scores,
-        dataset=args.dataset, batch=args.batch, mesh=args.mesh, probe=probe,
-        load_workers=args.load_workers, progress=not args.no_progress, mapping=args.mapping, **extra,
-    )  # fmt: skip
-
-
-def _scan(args: argparse.Namespace) -> int:
-    from jaxinduct.engine.scan import scan
-
+def _scan(config: Any) -> int:
     import jax
 
-    summary = scan(_scan_options(args))
+    from jaxinduct.engine.scan import scan
+
+    summary = scan(config)
     if jax.process_index() == 0:  # under jax.distributed, one report (and one writer)
         print(summary.describe())
-        print(f"results: {args.store}  (jaxinduct show --store {args.store})")
+        print(f"results: {config.store}  (jaxinduct show --store {config.store})")
     return 1 if summary.failed else 0
 
 
-def _watch(args: argparse.Namespace) -> int:
-    from jaxinduct.engine.scan import watch
+def _watch(config: Any) -> int:
+    from jaxinduct.engine.watch import watch
 
-    summary = watch(
-        _scan_options(args), poll_seconds=args.poll, until_step=args.until_step, idle_timeout=args.idle_timeout
-    )
-    print(f"watch: {summary.scanned} checkpoints scanned, {summary.failed} failed; results: {args.store}")
+    summary = watch(config.scan, poll_seconds=config.poll, until_step=config.until_step, idle_timeout=config.idle_timeout)
+    print(f"watch: {summary.scanned} checkpoints scanned, {summary.failed} failed; results: {config.scan.store}")
     return 1 if summary.failed else 0
 
 
-def _show(args: argparse.Namespace) -> int:
+def _show(config: ShowConfig) -> int:
     from jaxinduct.report.show import render_show
     from jaxinduct.results.store import ResultStore
 
-    with ResultStore.open(args.store, create=False, readonly=True) as store:
-        print(render_show(store, run=args.run, metric=args.metric, step=args.step, top=args.top))
+    with ResultStore.open(config.store, create=False, readonly=True) as store:
+        print(render_show(store, run=config.run, metric=config.metric, step=config.step, top=config.top))
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
+def _report(config: ReportConfig) -> int:
     from jaxinduct.report.page import write_report
     from jaxinduct.results.store import ResultStore
 
-    with ResultStore.open(args.store, create=False, readonly=True) as store:
-        report = write_report(store, args.out, run=args.run)
+    with ResultStore.open(config.store, create=False, readonly=True) as store:
+        report = write_report(store, config.out, run=config.run)
     print(report.describe())
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from jaxinduct.results.store import ResultStore, export
+def _export(config: ExportConfig) -> int:
+    from jaxinduct.results.export import export
+    from jaxinduct.results.store import ResultStore
 
-    with ResultStore.open(args.store, create=False, readonly=True) as store:
-        rows = export(store, args.table, args.format, args.out, run=args.run)
-    print(f"{rows} rows of {args.table} written to {args.out}")
+    with ResultStore.open(config.store, create=False, readonly=True) as store:
+        rows = export(store, config.table, config.format, config.out, run=config.run)
+    print(f"{rows} rows of {config.table} written to {config.out}")
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
+def _convert_hf(config: ConvertHFConfig) -> int:
     from jaxinduct.checkpoints.convert import convert_hf
 
-    written = convert_hf(args.source, args.out, steps=args.steps)
-    print(f"{len(written)} revisions written to {args.out}" + (f" (steps {written[0]}..{written[-1]})" if written else ""))
+    written = convert_hf(config.source, config.out, steps=config.steps)
+    span = f" (steps {written[0]}..{written[-1]})" if written else ""
+    print(f"{len(written)} revisions written to {config.out}{span}")
     return 0
 
 
-def _quickstart(args: argparse.Namespace) -> int:
+def _quickstart(config: QuickstartConfig) -> int:
     from jaxinduct.quickstart import quickstart
 
-    return quickstart(args.out, progress=not args.no_progress)
+    return quickstart(config.out, progress=config.progress)
 
 
-def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source", metavar="SOURCE",
-        help="an Orbax CheckpointManager directory, a Hugging Face model directory, or a directory of "
-        "Hugging Face revisions (stepN, checkpoint-N, revision-*)",
-    )  # fmt: skip
-    parser.add_argument("--store", required=True, help="results store (SQLite file; created if missing)")
-    parser.add_argument("--run", help="run name in the store (default: the SOURCE directory's name)")
-    parser.add_argument("--steps", default="all", help="all | latest | N | A:B | A:B:S | every:N, comma-separated")
-    parser.add_argument("--scores", help="comma-separated score names to keep (default: all; see docs/scores.md)")
-    parser.add_argument("--dataset", help=".npy token ids [example, seq] for icl_score, per_token_loss and ablation")
-    parser.add_argument("--icl-late", type=int, help="icl_score: late context index (default 500)")
-    parser.add_argument("--icl-early", type=int, help="icl_score: early context index (default 50)")
-    parser.add_argument("--examples", type=int, help="sequences per probe (default 32)")
-    parser.add_argument("--block-len", type=int, help="random block length of the repeated probes (default 25)")
-    parser.add_argument("--repeats", type=int, help="repeats of the block (default 4; probe = 1 + block-len x repeats)")
-    parser.add_argument("--batch", type=int, help="checkpoints per batch, a multiple of the mesh's ckpt axis (default 8)")
-    parser.add_argument("--mesh", help="device mesh 'ckpt=N,head=M' (default: every device on ckpt)")
-    parser.add_argument("--load-workers", type=int, default=None,
-                        help="threads restoring checkpoints (default 4; on the CPU backend half the cores, at most 4)")  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress display")
-    parser.add_argument(
-        "--mapping", metavar="FILE",
-        help="YAML mapping the params tree of someone else's Orbax checkpoints to canonical names "
-        "(see docs/mappings/ and jaxinduct/mapping.py)",
-    )  # fmt: skip
+def _scores(config: ScoresConfig) -> int:
+    from jaxinduct.scores.registry import describe_scores
+
+    print(describe_scores())
+    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxinduct", description="Find induction heads across training runs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One `jaxinduct` command: what it does (one line), its config type and its main."""
 
-    train = sub.add_parser(
-        "train",
-        help="train a reference model and save an Orbax trajectory",
-        description="Train a small reference model on built-in data (or a text corpus) and save "
-        "checkpoints dense early and sparse late. Re-running with the same options resumes.",
-    )
-    train.add_argument("--preset", default="quickstart", help="model + data preset (default: quickstart; see --list-presets)")
-    train.add_argument("--out", help="trajectory directory (new, empty, or a run of the same config to resume)")
-    train.add_argument("--corpus", help="train byte-level on this text file or folder instead of generated data")
-    train.add_argument("--steps", type=int, help="optimizer steps (overrides the preset)")
-    train.add_argument("--seed", type=int, help="seed for init and data")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("--list-presets", action="store_true", help="list presets and exit")
-    train.set_defaults(func=_train)
+    help: str
+    config: Callable[[], type]  # the config class, imported when the command runs
+    main: Callable[[Any], int]
 
-    scan = sub.add_parser(
-        "scan",
-        help="score every head of every checkpoint of a trajectory into a store",
-        description="Score the selected checkpoints of SOURCE (batched, compiled once) into --store. "
-        "Resumable: checkpoints already in the store for the same probes are skipped.",
-    )
-    _add_scan_arguments(scan)
-    scan.set_defaults(func=_scan)
 
-    watch = sub.add_parser(
-        "watch",
-        help="scan checkpoints of a run that is still training, as they are saved",
-        description="Poll SOURCE and scan each checkpoint as soon as its save is committed.",
-    )
-    _add_scan_arguments(watch)
-    watch.add_argument("--poll", type=float, default=10.0, help="seconds between looks at SOURCE (default 10)")
-    watch.add_argument("--until-step", type=int,
-                       help="stop once a step >= N is committed and every committed step is scanned")  # fmt: skip
-    watch.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a new checkpoint")
-    watch.set_defaults(func=_watch)
+def _scan_config() -> type:
+    from jaxinduct.engine.scan import ScanConfig
 
-    show = sub.add_parser("show", help="print the top heads and model scores of a store")
-    show.add_argument("--store", required=True)
-    show.add_argument("--run", help="run name (default: every run in the store)")
-    show.add_argument("--metric", default="prefix_matching", help="head score to rank by (default prefix_matching)")
-    show.add_argument("--step", type=int, help="checkpoint step (default: the last scanned)")
-    show.add_argument("--top", type=int, default=10, help="how many heads (default 10)")
-    show.set_defaults(func=_show)
+    return ScanConfig
 
-    report = sub.add_parser(
-        "report",
-        help="draw a store's runs as figures (PNG) and an HTML page",
-        description="Figures of each run (phase change, head maps, copying vs prefix matching, "
-        "K-composition, per-token loss, ablations, verdicts) and DIR/index.html embedding them. "
-        "Reads the store only; the page needs no network.",
-    )
-    report.add_argument("--store", required=True)
-    report.add_argument("--run", help="only this run (default: every run in the store)")
-    report.add_argument("--out", required=True, metavar="DIR", help="output directory (created; its report files are replaced)")
-    report.set_defaults(func=_report)
 
-    export = sub.add_parser("export", help="write a store's scores as CSV or Parquet")
-    export.add_argument("--store", required=True)
-    export.add_argument("--table", required=True, choices=["heads", "pairs", "model"])
-    export.add_argument("--format", required=True, choices=["csv", "parquet"])
-    export.add_argument("--out", required=True, help="output file")
-    export.add_argument("--run", help="only this run (default: all)")
-    export.set_defaults(func=_export)
+def _watch_config() -> type:
+    from jaxinduct.engine.watch import WatchConfig
 
-    convert = sub.add_parser("convert", help="convert checkpoints of another format into an Orbax trajectory")
-    convert_formats = convert.add_subparsers(dest="format", required=True)
-    hf = convert_formats.add_parser(
-        "hf",
-        help="Hugging Face revisions (stepN, checkpoint-N, revision-*) or one model directory",
-        description="Write each selected Hugging Face revision (config.json + safetensors) as one Orbax "
-        "step in jaxinduct's canonical layout. Resumable.",
-    )
-    hf.add_argument("source", metavar="SOURCE")
-    hf.add_argument("--out", required=True, help="Orbax trajectory directory to write")
-    hf.add_argument("--steps", default="all", help="all | latest | N | A:B | A:B:S | every:N, comma-separated")
-    hf.set_defaults(func=_convert)
+    return WatchConfig
 
-    quick = sub.add_parser(
-        "quickstart",
-        help="train the quickstart model, scan its trajectory, show the induction heads, write a report",
-        description="The built-in default job: trains the quickstart preset into DIR/trajectory "
-        "(about 3 minutes on 2 CPU cores), scans every checkpoint into DIR/results.sqlite and "
-        "shows the heads that became induction heads, then writes a report (DIR/report/index.html). "
-        "Re-running resumes training and scanning.",
-    )
-    quick.add_argument("--out", default="runs/quickstart", help="output directory (default runs/quickstart)")
-    quick.add_argument("--no-progress", action="store_true")
-    quick.set_defaults(func=_quickstart)
-    return parser
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a reference model and save an Orbax trajectory", lambda: TrainCommandConfig, _train),
+    "scan": Command("score every head of every checkpoint of a trajectory into a store", _scan_config, _scan),
+    "watch": Command("scan checkpoints of a run that is still training, as they are saved", _watch_config, _watch),
+    "show": Command("print the top heads and model scores of a store", lambda: ShowConfig, _show),
+    "report": Command("draw a store's runs as figures (PNG) and an HTML page", lambda: ReportConfig, _report),
+    "export": Command("write a store's scores as CSV or Parquet", lambda: ExportConfig, _export),
+    "convert hf": Command("convert Hugging Face revisions into an Orbax trajectory", lambda: ConvertHFConfig, _convert_hf),
+    "scores": Command("list every score, its kind and what it measures", lambda: ScoresConfig, _scores),
+    "quickstart": Command(
+        "train the quickstart model, scan its trajectory, show the induction heads, write a report",
+        lambda: QuickstartConfig,
+        _quickstart,
+    ),
+}
+
+
+# --- configs from YAML and back -------------------------------------------------------------
+
+
+def _strip(tp: Any) -> Any:
+    """The type under Annotated[...] wrappers."""
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """A YAML value as the field type ``tp`` expects (nested configs, tuples, enums, parsed forms)."""
+    tp = _strip(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [_strip(a) for a in typing.get_args(tp)]
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if dataclasses.is_dataclass(option) and isinstance(value, dict) or typing.get_origin(option) is tuple:
+                return _coerce(option, value, where)
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, str) and hasattr(tp, "parse"):  # a one-word form, as on the command line
+            return tp.parse(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return config_from_mapping(tp, value, where)
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(tp)
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        return tuple(value if item is None else (_coerce(item, v, where) for v in value))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
+    return value
+
+
+def config_from_mapping(cls: type, data: dict[str, Any], where: str) -> Any:
+    """An instance of the config dataclass ``cls`` from a (YAML) mapping.
+
+    Fields the mapping leaves out keep their defaults; a required field left out is
+    tyro.MISSING, which the command line must then supply.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; {cls.__name__} has {sorted(fields)}")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    values: dict[str, Any] = {}
+    for name, field in fields.items():
+        if name in data:
+            values[name] = _coerce(hints[name], data[name], f"{where}.{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            values[name] = tyro.MISSING
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def load_config(cls: type, path: str | os.PathLike) -> Any:
+    """The config of ``cls`` that a YAML file describes (see `config_from_mapping`)."""
+    file = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--config {file}: cannot read it ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {file}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {file}: expected a mapping of config fields at the top level")
+    return config_from_mapping(cls, data, str(file))
+
+
+def config_to_plain(value: Any) -> Any:
+    """A config as plain YAML-able data (mappings, lists, strings, numbers)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: config_to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [config_to_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def render_config(config: Any) -> str:
+    """``--print-config``'s YAML: what ``--config`` reads back into the same config."""
+    return yaml.safe_dump(config_to_plain(config), sort_keys=False)
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Invocation:
+    command: str
+    config: Any
+    print_config: bool
+
+
+def _pop_config_options(args: list[str]) -> tuple[list[str], str | None, bool]:
+    """(args without them, --config FILE, --print-config): the options every command takes."""
+    rest: list[str] = []
+    config_file: str | None = None
+    print_config = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--print-config":
+            print_config = True
+        elif arg == "--config" or arg.startswith("--config="):
+            if arg == "--config":
+                if i + 1 >= len(args):
+                    raise ConfigError("--config needs a file: --config FILE.yaml")
+                i += 1
+                config_file = args[i]
+            else:
+                config_file = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, config_file, print_config
+
+
+_COMMON_HELP = (
+    "Every command also takes --config FILE (a YAML config; flags override it) and "
+    "--print-config (print the resolved config as YAML and exit)."
+)
+
+
+def _parse_config(name: str, command: Command, args: list[str]) -> tuple[Any, bool]:
+    cls = command.config()
+    args, config_file, print_config = _pop_config_options(args)
+    default = load_config(cls, config_file) if config_file is not None else None
+    description = f"{(cls.__doc__ or command.help).strip()}\n\n{_COMMON_HELP}"
+    return tyro.cli(cls, args=args, prog=f"jaxinduct {name}", description=description, default=default), print_config
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: jaxinduct COMMAND [options]  (jaxinduct COMMAND --help for its options)", "",
+             "Find induction heads, and watch them form, across training runs.", "", "commands:"]  # fmt: skip
+    lines += [f"  {name:{width}s}  {command.help}" for name, command in COMMANDS.items()]
+    return "\n".join(lines + ["", _COMMON_HELP])
+
+
+def _split_command(argv: Sequence[str]) -> tuple[str, list[str]] | int:
+    """(command name, its arguments), or an exit code after printing usage or an error."""
+    args = list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"jaxinduct {__version__}")
+        return 0
+    for words in (2, 1):
+        name = " ".join(args[:words])
+        if name in COMMANDS:
+            return name, args[words:]
+    if args[0] == "convert":
+        formats = [name.split()[1] for name in COMMANDS if name.startswith("convert ")]
+        print(f"jaxinduct convert: error: name a format: {' | '.join(formats)} (e.g. jaxinduct convert hf SOURCE --out DIR)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    print(f"jaxinduct: error: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    split = _split_command(sys.argv[1:] if argv is None else argv)
+    if isinstance(split, int):
+        return split
+    name, args = split
+    command = COMMANDS[name]
     try:
-        return args.func(args)
+        config, print_config = _parse_config(name, command, args)
+        if print_config:
+            print(render_config(config), end="")
+            return 0
+        return command.main(config)
+    except SystemExit as e:  # tyro's --help (0) and usage errors (2), as a return code for callers
+        return e.code if isinstance(e.code, int) else 2
     except JaxInductError as e:
-        print(f"jaxinduct {args.command}: error: {e}", file=sys.stderr)
+        print(f"jaxinduct {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
-            f"jaxinduct {args.command}: interrupted; finished work (committed checkpoints, scanned "
+            f"jaxinduct {name}: interrupted; finished work (committed checkpoints, scanned "
             "batches) is kept, and the same command resumes where it stopped",
             file=sys.stderr,
         )

@@ -17,7 +17,7 @@ import numpy as np
 from jaxinduct.train.data import TiledBlocks
 from jaxinduct.scores.probes import ProbeConfig
 from jaxinduct.report.page import write_report
-from jaxinduct.engine.scan import ScanOptions, scan
+from jaxinduct.engine.scan import ScanConfig, scan
 from jaxinduct.report.show import render_show
 from jaxinduct.results.store import ResultStore
 from jaxinduct.train.trainer import get_preset, train
@@ -45,7 +45,7 @@ def quickstart(out: str | Path, *, progress: bool = True) -> int:
     print(f"    {len(result.steps_saved)} checkpoints, steps {result.steps_saved[0]}..{result.steps_saved[-1]}")
     np.save(out / DATASET, quickstart_dataset())
     print(f"2/4 scanning every checkpoint into {out / STORE}", flush=True)
-    options = ScanOptions(
+    options = ScanConfig(
         source=str(out / TRAJECTORY), store=str(out / STORE), run="quickstart", dataset=str(out / DATASET),
         probe=ProbeConfig(icl_late=ICL_LATE, icl_early=ICL_EARLY), progress=progress,
     )  # fmt: skip

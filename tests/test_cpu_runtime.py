@@ -33,7 +33,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 2)
 import jaxinduct
 from jaxinduct.scores.probes import ProbeConfig, make_probes
-from jaxinduct.engine.scan import parse_mesh, place_batch, weight_shardings
+from jaxinduct.parallel import parse_mesh, place_batch, weight_shardings
 from jaxinduct.scores.batched import score_all
 from jaxinduct.train.trainer import get_preset
 from jaxinduct.model.weights import init_random_weights

@@ -14,7 +14,7 @@ from jaxinduct.cli import main as cli_main
 from jaxinduct.checkpoints.hf_weights import load_hf_weights
 from jaxinduct.scores.probes import ProbeConfig, make_probes
 from jaxinduct.scores.batched import score_all
-from jaxinduct.checkpoints.sources import HFSource, open_source
+from jaxinduct.checkpoints import HFSource, open_source
 from jaxinduct.results.store import ResultStore
 from jaxinduct.model.weights import stack_weights
 from tests.test_hf_import import gpt2_config, save_model

@@ -18,9 +18,9 @@ import yaml
 
 from jaxinduct.checkpoints.mapping import MappingError, apply_mapping, load_mapping, parse_mapping
 from jaxinduct.scores.probes import ProbeConfig, make_probes
-from jaxinduct.engine.scan import ScanOptions, probe_identity, scan
+from jaxinduct.engine.scan import ScanConfig as ScanOptions, probe_identity, scan
 from jaxinduct.scores.batched import SCORES_VERSION, score_all
-from jaxinduct.checkpoints.sources import OrbaxSource, SourceError
+from jaxinduct.checkpoints import MappedSource as OrbaxSource, SourceError  # every use reads through a mapping
 from jaxinduct.results.store import ResultStore
 from jaxinduct.model.weights import ModelSpec, expected_shapes, init_random_weights, stack_weights
 

@@ -173,3 +173,16 @@ def test_host_eigenvalues_equal_device_eigenvalues(head_weights):
     on_host = jax.jit(jax.vmap(lambda m: mech.eigenvalues(m, on_host=True)))(matrices)
     key = lambda e: np.sort_complex(np.asarray(e))  # noqa: E731
     np.testing.assert_allclose(key(on_host), key(on_device), rtol=1e-4, atol=1e-4)
+
+
+def test_weighted_over_sources_of_a_hand_made_grid():
+    # Two layers of two heads: pairs exist from layer 0 into layer 1 only.
+    pair = np.full((2, 2, 2, 2), np.nan, np.float32)
+    pair[0, 0, 1, 0], pair[0, 1, 1, 0] = 0.2, 0.8
+    pair[0, 1, 1, 1] = 0.5  # pair[0, 0, 1, 1] undefined: that source does not count there
+    weight = np.array([[3.0, 1.0], [5.0, np.nan]], np.float32)  # layer 1's weights meet no defined pair
+    got = np.asarray(mech.weighted_over_sources(jnp.asarray(pair), jnp.asarray(weight)))
+    np.testing.assert_allclose(got[1], [(3 * 0.2 + 1 * 0.8) / 4, 0.5], rtol=1e-6)
+    assert np.isnan(got[0]).all()  # nothing flows into layer 0
+    zero = np.asarray(mech.weighted_over_sources(jnp.asarray(pair), jnp.zeros((2, 2))))
+    assert np.isnan(zero).all()  # no source with weight: undefined, not 0

@@ -119,8 +119,9 @@ def test_report_draws_every_figure_and_the_page_references_exactly_them(tmp_path
     # The phase change written into the data: L1H1 and L1H2 jump between steps 380 and 400.
     assert "steps 380-400" in text
     # The highlighted heads and their last-step scores, as written above.
-    assert re.search(r"L1H1</td><td[^>]*>380-400</td><td[^>]*>0\.800</td><td[^>]*>0\.600</td>", text)
-    assert re.search(r"L1H2</td><td[^>]*>380-400</td>", text)
+    # formed: the first step from which prefix_matching stays above 0.4 (0.8 from step 400 on).
+    assert re.search(r"L1H1</td><td[^>]*>400</td><td[^>]*>0\.800</td><td[^>]*>0\.600</td>", text)
+    assert re.search(r"L1H2</td><td[^>]*>400</td>", text)
     assert "L0H0</td>" not in text
     assert "-0.100 at step 0 -&gt; -2.000 at step 1000" in text  # icl_score
 

@@ -23,9 +23,12 @@ import pytest
 
 from jaxinduct.cli import main as cli_main
 from jaxinduct.scores.probes import ProbeConfig, make_probes
-from jaxinduct.engine.scan import ScanOptions, parse_mesh, resolve_load_workers, resolve_per_pass, scan, watch
+from jaxinduct.engine.loader import resolve_load_workers
+from jaxinduct.engine.scan import ScanConfig as ScanOptions, resolve_per_pass, scan
+from jaxinduct.engine.watch import watch
+from jaxinduct.parallel import parse_mesh
 from jaxinduct.scores.batched import HEAD_SCORE_NAMES, PUBLIC_SCORE_NAMES, _score_all, _score_all_per_device, score_all
-from jaxinduct.checkpoints.sources import LoadedCheckpoint, OrbaxSource, select_steps
+from jaxinduct.checkpoints import LoadedCheckpoint, OrbaxSource, select_steps
 from jaxinduct.results.store import ResultStore
 from jaxinduct.checkpoints.layout import META, PARAMS, save_canonical_step, writer_options
 from jaxinduct.model.weights import ModelSpec, init_random_weights, stack_weights

@@ -92,6 +92,29 @@ def test_negated_ov_circuit_scores_as_anti_copying(circuit_scores):
     assert head["induction_behaviour"][1, 0] == 0 and head["induction_mechanism"][1, 0] == 0
 
 
+def test_induction_verdicts_of_given_head_scores():
+    from jaxinduct.scores.batched import induction_verdicts
+    from jaxinduct.scores.probes import VerdictThresholds
+    from jaxinduct.scores.registry import UnknownScoreError
+
+    nan = np.nan
+    head = {  # [layer, head]; default thresholds: 0.4, 0.3, 0.5, 0.5, previous_token 0.2
+        "prefix_matching": [[0.5, 0.1], [0.5, 0.5]],
+        "copying": [[0.5, 0.5], [0.4, nan]],
+        "ov_copying": [[0.9, 0.9], [0.6, 0.6]],
+        "induction_qk_positivity": [[nan, nan], [0.7, 0.6]],
+        "previous_token": [[0.3, 0.0], [0.0, 0.0]],  # L0H0 is the upstream previous-token head of layer 1
+    }
+    got = induction_verdicts({k: jnp.asarray(v, jnp.float32) for k, v in head.items()}, VerdictThresholds())
+    np.testing.assert_array_equal(got["induction_behaviour"], [[1, 0], [1, 0]])  # NaN copying never passes
+    np.testing.assert_array_equal(got["induction_mechanism"], [[0, 0], [1, 1]])  # layer 0 has nothing upstream
+    np.testing.assert_array_equal(got["induction_verdicts_agree"], [[0, 1], [1, 0]])
+    assert got["induction_behaviour"].dtype == jnp.float32
+    missing = {k: jnp.asarray(v, jnp.float32) for k, v in head.items() if k != "ov_copying"}
+    with pytest.raises(UnknownScoreError, match="ov_copying"):
+        induction_verdicts(missing, VerdictThresholds())
+
+
 SPEC = ModelSpec(d_vocab=40, d_model=16, n_layers=2, n_heads=2, d_head=8, n_ctx=101, d_mlp=32, bos_token_id=0)
 
 

@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 
 from jaxinduct.report import show as show_module
-from jaxinduct.report.show import format_value, format_verdict, render_show
+from jaxinduct.report.format import format_value, format_verdict
+from jaxinduct.report.show import render_show
 from jaxinduct.results.store import CheckpointScores, ResultStore, StoreError
 
 NAN = float("nan")
 RUN, HASH = "toy", "probe-a"
 STEPS = (0, 100, 200, 300)
 
-# prefix_matching per step, [layer, head] of a 2 x 3 model. L1H1 passes 0.5 at step 100,
-# L1H0 at 200, nothing else ever does; L1H2 is undefined throughout.
+# prefix_matching per step, [layer, head] of a 2 x 3 model. L1H1 passes 0.4 (the default verdict
+# threshold) at step 100 and stays above, L1H0 at 200, L0H1 at the last step 300, nothing else
+# ever does; L1H2 is undefined throughout.
 PREFIX = {
     0: [[0.01, 0.02, 0.03], [0.02, 0.04, 0.01]],
     100: [[0.05, 0.10, 0.02], [0.30, 0.55, NAN]],
@@ -92,15 +94,16 @@ def test_header_table_model_scores_and_failures(toy):
     assert title.split() == [
         "#", "head", "prefix_matching", "formed", "copy", "ov_copy", "prev", "qk_pos", "behav", "mech"
     ]  # fmt: skip
-    # L1H2 (prefix_matching NaN) is left out; formed = first step > 0.5; qk_pos NaN in layer 0 is "-".
+    # L1H2 (prefix_matching NaN) is left out; formed = first step from which prefix_matching stays > 0.4;
+    # qk_pos NaN in layer 0 is "-".
     assert table_rows(text) == [
         ["1", "L1H1", "0.800", "100", "0.900", "0.750", "0.030", "0.800", "yes", "yes"],
         ["2", "L1H0", "0.650", "200", "0.700", "0.600", "0.050", "0.550", "yes", "yes"],
-        ["3", "L0H1", "0.450", "-", "0.200", "0.100", "0.200", "-", "no", "no"],
+        ["3", "L0H1", "0.450", "300", "0.200", "0.100", "0.200", "-", "no", "no"],
         ["4", "L0H0", "0.070", "-", "0.100", "0.000", "0.900", "-", "no", "no"],
         ["5", "L0H2", "0.040", "-", "0.300", "-0.200", "0.100", "-", "no", "no"],
     ]
-    assert "formed = first step with prefix_matching > 0.5; copy = copying;" in text
+    assert "formed = first step from which prefix_matching stays > 0.4; copy = copying;" in text
     assert (
         "model scores at step 300: icl_score -0.300, induction_loss 1.500, "
         "phase_change_start step 100, phase_change_end step 200"
@@ -116,10 +119,11 @@ def test_top_metric_and_step_options(toy):
     assert "top 2 heads by copying at step 100:" in text
     title = next(line for line in text.splitlines() if line.startswith("#  head"))
     assert title.split()[:5] == ["#", "head", "copying", "formed", "prefix"]  # the shown metric is not repeated
-    # copying is 0.9 / 0.7 from step 0 on, so both formed at 0; prefix_matching is step 100's.
+    # formed is about prefix_matching whatever ranks (L1H1 from 100, L1H0 from 200, over the whole
+    # run); prefix_matching is step 100's.
     assert [row[:5] for row in table_rows(text)] == [
-        ["1", "L1H1", "0.900", "0", "0.550"],
-        ["2", "L1H0", "0.700", "0", "0.300"],
+        ["1", "L1H1", "0.900", "100", "0.550"],
+        ["2", "L1H0", "0.700", "200", "0.300"],
     ]
     # phase-change rows live at step 300 only: shown with where they come from.
     assert "icl_score -0.100, induction_loss 2.500, phase_change_start step 100 (recorded at step 300)" in text

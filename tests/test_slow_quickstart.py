@@ -7,7 +7,7 @@ import pytest
 from jaxinduct.scores.probes import default_token_pool, repeated_random_tokens
 from jaxinduct.scores.batched import head_prefix_matching
 from jaxinduct.train.trainer import get_preset, train
-from jaxinduct.checkpoints.layout import committed_steps, restore_weights
+from jaxinduct.checkpoints import committed_steps, restore_weights
 
 pytestmark = pytest.mark.slow
 

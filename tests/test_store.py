@@ -20,7 +20,8 @@ import pytest
 
 import jaxinduct.results.store as store_module
 from jaxinduct.errors import JaxInductError
-from jaxinduct.results.store import SCHEMA_VERSION, CheckpointScores, ResultStore, StoreError, export
+from jaxinduct.results.export import export
+from jaxinduct.results.store import SCHEMA_VERSION, CheckpointScores, ResultStore, StoreError
 
 NAN = float("nan")
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ import pytest
 from jaxinduct.cli import main
 from jaxinduct.errors import ConfigError, CorpusError, RunDirError
 from jaxinduct.train.trainer import PRESETS, ScheduleConfig, checkpoint_steps, get_preset, train
-from jaxinduct.checkpoints.layout import RUN_FILE, committed_steps, restore_weights, writer_lock
+from jaxinduct.checkpoints import restore_weights
+from jaxinduct.checkpoints.layout import RUN_FILE, committed_steps, writer_lock
 
 TINY_STEPS = [0, 1, 2, 4, 8, 16, 24, 40]  # tiny: 40 steps, dense every 8 until 24, then every 16
 

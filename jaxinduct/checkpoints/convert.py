@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import orbax.checkpoint as ocp
-
+from jaxinduct.checkpoints.hf import HFSource
+from jaxinduct.checkpoints.layout import Layout, StepMeta, restore_meta, save_step, weights_to_params, writer_lock, writer_manager
+from jaxinduct.checkpoints.selection import select_steps
 from jaxinduct.errors import RunDirError
-from jaxinduct.checkpoints.sources import HFSource, select_steps
-from jaxinduct.checkpoints.layout import META, PARAMS, save_canonical_step, writer_lock, writer_options
 
 
 def convert_hf(source: str | os.PathLike, out: str | os.PathLike, *, steps: str = "all") -> list[int]:
@@ -31,20 +30,22 @@ def convert_hf(source: str | os.PathLike, out: str | os.PathLike, *, steps: str 
     hf.spec()  # fail before writing anything when the first revision is unreadable
     target = Path(out).expanduser().resolve()
     target.mkdir(parents=True, exist_ok=True)
-    with writer_lock(target), ocp.CheckpointManager(target, options=writer_options(), item_names=(PARAMS, META)) as manager:
+    with writer_lock(target), writer_manager(target) as manager:
         existing = set(manager.all_steps())
         if existing:
-            first = manager.restore(min(existing), args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-            if first.get("source") != str(directory):
+            first = min(existing)
+            converted_from = restore_meta(manager, first, where=f"step {first} of {target}").source
+            if converted_from != str(directory):
                 raise RunDirError(
-                    f"{target} already holds a trajectory converted from {first.get('source')!r}; choose another --out"
+                    f"{target} already holds a trajectory converted from {converted_from!r}; choose another --out"
                 )
         written = []
         for step in selected:
             if step in existing:
                 continue
             loaded = hf.load(step)  # refuses a revision whose architecture differs from the first
-            save_canonical_step(manager, step, loaded.weights, {"source": str(directory), "tokens_seen": None})
+            meta = StepMeta(step=step, spec=loaded.weights.spec, layout=Layout.CANONICAL, source=str(directory))
+            save_step(manager, meta, weights_to_params(Layout.CANONICAL, loaded.weights))
             written.append(step)
         manager.wait_until_finished()
     return written

@@ -74,10 +74,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinduct.checkpoints.layout import PARAMS
 from jaxinduct.errors import JaxInductError, SpecError
 from jaxinduct.model.weights import ARRAY_FIELDS, LAYER_FIELDS, ModelSpec, Weights, expected_shapes, make_weights
 
-DEFAULT_ITEM = "params"
+DEFAULT_ITEM = PARAMS  # a mapping reads the item jaxinduct itself saves params in, unless told otherwise
 LAYER = "{layer}"
 _SPLITS = ("in", "out", "bias")
 _RULE_KEYS = {"path", "transpose", "split_heads", "zeros"}

@@ -24,30 +24,33 @@ and process 0 alone opens and writes the store.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import tyro
+from jax.sharding import Mesh
 
+from jaxinduct import parallel
+from jaxinduct.engine.loader import batches, prefetched, resolve_load_workers
 from jaxinduct.errors import JaxInductError
+from jaxinduct.flags import NO_PREFIX, CommaSeparated, MeshFlag, PerPass, SourcePath
+from jaxinduct.parallel import MeshConfig, broadcast_steps
+from jaxinduct.results.identity import identity_record
 from jaxinduct.results.phase import update_phase_change
 from jaxinduct.scores.probes import ProbeConfig, Probes, make_probes
-from jaxinduct.scores.batched import PUBLIC_SCORE_NAMES, SCORES_VERSION, ScoreResults, score_all
-from jaxinduct.checkpoints.sources import CheckpointSource, LoadedCheckpoint, open_source, select_steps
+from jaxinduct.scores import registry
+from jaxinduct.scores.batched import ScoreResults, score_all
+from jaxinduct.checkpoints import CheckpointSource, LoadedCheckpoint, open_source, select_steps
 from jaxinduct.results.store import CheckpointScores, ResultStore
-from jaxinduct.model.weights import ModelSpec, Weights, expected_shapes, make_weights
+from jaxinduct.model.weights import ModelSpec, zero_weights
 
-CKPT, HEAD = "ckpt", "head"
 DEFAULT_BATCH = 8
 
 
@@ -59,29 +62,57 @@ class ScanError(JaxInductError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ScanOptions:
-    """One scan (the `jaxinduct scan` command's options, as a Python API)."""
+class ScanConfig:
+    """Score the selected checkpoints of SOURCE (batched, compiled once) into --store.
 
-    source: str
+    Resumable: checkpoints already in the store for the same probes are skipped. This is
+    the `jaxinduct scan` command's config and the Python API's: every flag is a field.
+    """
+
+    source: SourcePath
+    """an Orbax CheckpointManager directory, a Hugging Face model directory, or a directory of
+    Hugging Face revisions (stepN, checkpoint-N, revision-*)"""
     store: str
-    run: str | None = None  # default: the source directory's name
+    """results store (SQLite file; created if missing)"""
+    run: str | None = None
+    """run name in the store (default: the SOURCE directory's name)"""
     steps: str = "all"
-    scores: tuple[str, ...] | None = None  # public names to keep; None: all
-    dataset: str | None = None  # .npy of token ids [example, seq]
-    batch: int | None = None  # K checkpoints per batch; default: DEFAULT_BATCH rounded to the mesh
-    mesh: str | None = None  # "ckpt=N,head=M"; default: every device on ckpt
-    probe: ProbeConfig = ProbeConfig()
-    # Threads restoring checkpoints; None: 4, or on the CPU backend half the cores (at most
-    # 4), since there the same cores also compute the scores and more restore threads only
-    # slow both down (measured on 2 cores: 1 thread 2.0 s, 4 threads 2.3 s per 50 checkpoints).
+    """which committed steps: all | latest | N | A:B | A:B:S | every:N, comma-separated"""
+    scores: CommaSeparated = None
+    """score names to keep, comma-separated (default: every score; `jaxinduct scores` lists them)"""
+    dataset: str | None = None
+    """.npy token ids [example, seq] for icl_score, per_token_loss and ablation"""
+    batch: Annotated[
+        int | None,
+        tyro.conf.arg(help=f"checkpoints per batch, a multiple of the mesh's ckpt axis (default: {DEFAULT_BATCH}, rounded up to one)"),
+    ] = None
+    mesh: MeshFlag = MeshConfig()
+    """device mesh (default: every device on the ckpt axis)"""
+    probe: Annotated[ProbeConfig, NO_PREFIX] = ProbeConfig()
     load_workers: int | None = None
-    # Checkpoints computed at once inside a batch's compiled pass (score_all's
-    # checkpoints_per_pass): None vmaps the whole batch; "auto" picks 1 on CPU, where
-    # vmapping tiny per-checkpoint matmuls is slower than taking them one at a time
-    # (bench/score_throughput.py), and the whole batch on accelerators.
-    per_pass: int | None | str = "auto"
+    """threads restoring checkpoints (default 4; on the CPU backend half the cores, at most 4,
+    since there the same cores also compute the scores: measured on 2 cores, 1 thread 2.0 s
+    and 4 threads 2.3 s per 50 checkpoints)"""
+    per_pass: PerPass = "auto"
+    """checkpoints computed at once inside a batch's compiled pass: all vmaps the whole batch;
+    auto is 1 on CPU, where vmapping small per-checkpoint matmuls is slower than one at a
+    time (bench/score_throughput.py), and all on accelerators"""
     progress: bool = True
-    mapping: str | None = None  # YAML mapping a foreign Orbax params tree to canonical names
+    """show progress"""
+    mapping: str | None = None
+    """YAML mapping the params tree of someone else's Orbax checkpoints to canonical names
+    (see docs/mappings/)"""
+
+    def __post_init__(self) -> None:
+        # The Python API may spell the mesh as on the command line; it is typed from here on.
+        if self.mesh is None or isinstance(self.mesh, str):
+            object.__setattr__(self, "mesh", MeshConfig.parse(self.mesh))
+        if isinstance(self.scores, str):
+            object.__setattr__(self, "scores", tuple(s.strip() for s in self.scores.split(",") if s.strip()) or None)
+        elif self.scores is not None:
+            object.__setattr__(self, "scores", tuple(self.scores))
+        if self.per_pass is None:  # the Python API's older spelling of "all"
+            object.__setattr__(self, "per_pass", "all")
 
 
 @dataclasses.dataclass
@@ -113,30 +144,8 @@ class ScanSummary:
         return "\n".join(lines)
 
 
-def parse_mesh(text: str | None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (ckpt, head) Mesh from "ckpt=N,head=M" (either may be left out; default all on ckpt)."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = {CKPT: None, HEAD: 1}
-    if text:
-        for part in text.split(","):
-            name, _, value = part.partition("=")
-            name = name.strip()
-            if name not in sizes or not value.strip().isdigit() or int(value) < 1:
-                raise ScanError(f"--mesh {text!r}: expected 'ckpt=N,head=M' with positive integers (e.g. ckpt=4,head=2)")
-            sizes[name] = int(value)
-    head = sizes[HEAD]
-    ckpt = sizes[CKPT] if sizes[CKPT] is not None else len(devices) // head
-    if ckpt < 1 or ckpt * head != len(devices):
-        raise ScanError(
-            f"--mesh {text!r} needs ckpt x head = {ckpt} x {head} = {ckpt * head} devices, but "
-            f"{len(devices)} are present ({devices[0].platform}); choose sizes whose product is {len(devices)}"
-        )
-    # jax.devices() is ordered by process, so each process's devices are consecutive rows.
-    return Mesh(np.array(devices).reshape(ckpt, head), (CKPT, HEAD))
-
-
 def resolve_batch(batch: int | None, mesh: Mesh) -> int:
-    ckpt = mesh.shape[CKPT]
+    ckpt = mesh.shape[parallel.CKPT]
     if batch is None:
         return ckpt * -(-DEFAULT_BATCH // ckpt)
     if batch < 1 or batch % ckpt:
@@ -144,33 +153,15 @@ def resolve_batch(batch: int | None, mesh: Mesh) -> int:
     return batch
 
 
-def resolve_per_pass(per_pass: int | None | str, mesh: Mesh) -> int | None:
+def resolve_per_pass(per_pass: PerPass | None, mesh: Mesh) -> int | None:
+    """score_all's checkpoints_per_pass for a --per-pass value (None: the whole batch)."""
     if per_pass == "auto":
-        return 1 if mesh.devices.flat[0].platform == "cpu" else None
-    if per_pass is None:
+        return 1 if parallel.platform(mesh) == "cpu" else None
+    if per_pass is None or per_pass == "all":
         return None
-    if not isinstance(per_pass, int) or per_pass < 1:
+    if not isinstance(per_pass, int) or isinstance(per_pass, bool) or per_pass < 1:
         raise ScanError(f"--per-pass must be a positive integer, 'auto' or 'all', got {per_pass!r}")
     return per_pass
-
-
-def resolve_load_workers(load_workers: int | None, mesh: Mesh) -> int:
-    if load_workers is None:
-        if mesh.devices.flat[0].platform == "cpu":
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-            return min(4, max(1, cores // 2))
-        return 4
-    if not isinstance(load_workers, int) or load_workers < 1:
-        raise ScanError(f"--load-workers must be a positive integer, got {load_workers!r}")
-    return load_workers
-
-
-def check_head_axis(spec: ModelSpec, mesh: Mesh) -> None:
-    if spec.n_heads % mesh.shape[HEAD]:
-        raise ScanError(
-            f"--mesh head={mesh.shape[HEAD]} does not divide the model's {spec.n_heads} heads; "
-            "use a head axis size that divides it (or 1)"
-        )
 
 
 def load_dataset(path: str | None) -> np.ndarray | None:
@@ -188,86 +179,23 @@ def load_dataset(path: str | None) -> np.ndarray | None:
 def probe_identity(
     probes: Probes, scores: tuple[str, ...] | None, mapping_digest: str | None = None
 ) -> tuple[str, str]:
-    """(hash, JSON) identifying the results: the probes, which scores are kept and, for a
-    source read through a mapping (`jaxinduct.checkpoints.mapping.Mapping.digest`), the mapping."""
+    """(hash, JSON) identifying the results (`jaxinduct.results.identity`): the probes, which
+    scores are kept and, for a source read through a mapping, the mapping's digest."""
     config = dataclasses.asdict(probes.config)
-    record = {
-        "probes": config,
-        "probe_hash": probes.config_hash(),
-        "scores": sorted(scores) if scores else "all",
-        "scores_version": SCORES_VERSION,
-    }
-    if mapping_digest is not None:  # absent without a mapping: unmapped hashes stay as they were
-        record["mapping"] = mapping_digest
-    text = json.dumps(record, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16], text
+    return identity_record(config, probes.config_hash(), scores, registry.SCORES_VERSION, mapping_digest)
 
 
-# --- placement -----------------------------------------------------------------------------
-
-
-def weight_shardings(spec: ModelSpec, mesh: Mesh) -> dict[str, NamedSharding]:
-    """NamedSharding per leaf of ckpt-stacked Weights: ckpt on every leaf, head on per-head ones."""
-    per_head = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")  # [ckpt, layer, head, ...]
-    shardings = {}
-    for name, shape in expected_shapes(spec).items():
-        axes: list[str | None] = [CKPT] + [None] * len(shape)
-        if name in per_head:
-            axes[2] = HEAD
-        shardings[name] = NamedSharding(mesh, PartitionSpec(*axes))
-    return shardings
-
-
-def make_weights_skeleton(spec: ModelSpec) -> Weights:
-    """Weights of zeros (host numpy), the padding row of a batch with no real checkpoint here."""
-    return make_weights(spec, {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(spec).items()})
-
-
-def _local_rows(mesh: Mesh, batch: int) -> list[int]:
-    """The rows of a K-batch that live on this process's devices (contiguous, ascending)."""
-    per_device = batch // mesh.shape[CKPT]
-    me = jax.process_index()
-    rows = [r for r in range(batch) if mesh.devices[r // per_device, 0].process_index == me]
-    if rows and rows != list(range(rows[0], rows[-1] + 1)):
-        raise ScanError("this process's devices are not consecutive on the mesh's ckpt axis")
-    return rows
-
-
-def place_batch(
-    local: Sequence[Weights], spec: ModelSpec, shardings: dict[str, NamedSharding], batch: int
-) -> Weights:
-    """Stack this process's rows on the host and assemble the global [K, ...] batch on the mesh.
-
-    shardings: `weight_shardings(spec, mesh)`, computed once per scan.
-    """
-    arrays = {}
-    for name in expected_shapes(spec):
-        stacked = np.stack([np.asarray(getattr(w, name), np.float32) for w in local])
-        global_shape = (batch, *stacked.shape[1:])
-        arrays[name] = jax.make_array_from_process_local_data(shardings[name], stacked, global_shape)
-    return make_weights(spec, arrays, batch_dims=1)
-
-
-def gather_results(results: ScoreResults) -> ScoreResults:
-    """Every process's rows of the results, as host numpy arrays."""
-    if jax.process_count() == 1:
-        return jax.tree_util.tree_map(np.asarray, jax.device_get(results))
-    return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(results, tiled=True))
-
-
-def checkpoint_scores(results: ScoreResults, row: int, step: int, tokens_seen: int | None, seconds: float,
-                      keep: Callable[[str], bool]) -> CheckpointScores:  # fmt: skip
+def checkpoint_scores(results: ScoreResults, row: int, step: int, tokens_seen: int | None, seconds: float) -> CheckpointScores:
     """One row of the batch results, in the store's unit."""
-    pick = lambda group: {k: v[row] for k, v in group.items() if keep(k)}  # noqa: E731
-    curves = {**pick(results.curve), **pick(results.head_curve)}
+    pick = lambda group: {name: values[row] for name, values in group.items()}  # noqa: E731
     return CheckpointScores(
         step=step,
         tokens_seen=tokens_seen,
         seconds=seconds,
         head=pick(results.head),
         pair=pick(results.pair),
-        model={k: float(v) for k, v in pick(results.model).items()},
-        curve=curves,
+        model={name: float(value) for name, value in pick(results.model).items()},
+        curve={**pick(results.curve), **pick(results.head_curve)},
     )
 
 
@@ -289,33 +217,25 @@ class _Prepared:
     batch: int
 
 
-def _scores_filter(scores: tuple[str, ...] | None) -> Callable[[str], bool]:
-    if not scores:
-        return lambda name: True
-    wanted = set(scores)
-    return lambda name: name in wanted
-
-
-def _probe_config_for(options: ScanOptions) -> ProbeConfig:
+def _probe_config_for(options: ScanConfig) -> ProbeConfig:
     # Ablation is the one costly group: compute it only when asked for (or by default).
-    if options.scores and not any(name.startswith("ablation_") for name in options.scores):
+    if options.scores and not any(score.family == "ablation" for score in registry.select(options.scores)):
         return dataclasses.replace(options.probe, ablation=False)
     return options.probe
 
 
 def _check_score_names(scores: tuple[str, ...] | None) -> None:
-    if not scores:
-        return
-    unknown = sorted(set(scores) - PUBLIC_SCORE_NAMES)
-    if unknown:
-        raise ScanError(f"--scores: unknown score names {unknown}; known: {', '.join(sorted(PUBLIC_SCORE_NAMES))}")
+    try:
+        registry.select(scores)
+    except registry.UnknownScoreError as e:
+        raise ScanError(f"--scores: unknown score names: {e}") from None
 
 
-def prepare(options: ScanOptions) -> tuple[_Prepared, Callable[[], ResultStore | None]]:
+def prepare(options: ScanConfig) -> tuple[_Prepared, Callable[[], ResultStore | None]]:
     """Validate every option before the store is touched; return the plan and a store opener."""
     source = open_source(options.source, mapping=options.mapping)  # refuses a source with no committed step
     _check_score_names(options.scores)
-    mesh = parse_mesh(options.mesh)
+    mesh = parallel.make_mesh(options.mesh)
     batch = resolve_batch(options.batch, mesh)
     resolve_per_pass(options.per_pass, mesh)  # bad values fail here, before the store is touched
     resolve_load_workers(options.load_workers, mesh)
@@ -323,7 +243,7 @@ def prepare(options: ScanOptions) -> tuple[_Prepared, Callable[[], ResultStore |
     available = source.steps()
     spec = source.spec(available[0])  # each listing of a large directory costs: list once
     selected = select_steps(options.steps, available)
-    check_head_axis(spec, mesh)
+    parallel.check_head_axis(spec, mesh)
     probes = make_probes(spec, _probe_config_for(options), dataset=dataset)
     mapping = getattr(source, "mapping", None)  # a corrected mapping must not read as already scanned
     probe_hash, probe_json = probe_identity(probes, options.scores, None if mapping is None else mapping.digest())
@@ -336,20 +256,8 @@ def prepare(options: ScanOptions) -> tuple[_Prepared, Callable[[], ResultStore |
     return plan, open_store
 
 
-def _broadcast_steps(steps: list[int] | None) -> list[int]:
-    """Process 0's list of steps, on every process."""
-    if jax.process_count() == 1:
-        assert steps is not None
-        return steps
-    count = multihost_utils.broadcast_one_to_all(np.array(len(steps or []), np.int64))
-    padded = np.zeros(int(count), np.int64)
-    if steps:
-        padded[:] = steps
-    return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
-
-
 def scan(
-    options: ScanOptions,
+    options: ScanConfig,
     *,
     on_batch: Callable[[list[int]], None] | None = None,
     skip_steps: Collection[int] = (),
@@ -369,7 +277,7 @@ def scan(
             store.record_probe_config(plan.probe_hash, plan.probe_json)
             done = store.done_steps(plan.run, plan.probe_hash)
             todo = [s for s in plan.todo if s not in done and s not in skip_steps]
-        plan.todo = _broadcast_steps(todo)
+        plan.todo = broadcast_steps(todo)
         plan.already_done = plan.selected - len(plan.todo)
         summary = _run_batches(plan, store, options, on_batch)
         if store is not None:
@@ -384,144 +292,53 @@ def scan(
             store.close()
 
 
-def _batches(steps: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(steps), size):
-        yield steps[start : start + size]
-
-
-def _load(source: CheckpointSource, step: int) -> tuple[LoadedCheckpoint | None, str | None, float]:
-    start = time.perf_counter()
-    try:
-        return source.load(step), None, time.perf_counter() - start
-    except Exception as e:  # noqa: BLE001 - one unreadable checkpoint must not end the scan
-        return None, f"{type(e).__name__}: {e}", time.perf_counter() - start
-
-
 def _run_batches(
-    plan: _Prepared, store: ResultStore | None, options: ScanOptions, on_batch: Callable[[list[int]], None] | None
+    plan: _Prepared, store: ResultStore | None, options: ScanConfig, on_batch: Callable[[list[int]], None] | None
 ) -> ScanSummary:
     summary = ScanSummary(plan.run, plan.probe_hash, plan.selected, plan.already_done)
-    keep = _scores_filter(options.scores)
     per_pass = resolve_per_pass(options.per_pass, plan.mesh)
-    local_rows = _local_rows(plan.mesh, plan.batch)
-    padding = make_weights_skeleton(plan.spec)
-    shardings = weight_shardings(plan.spec, plan.mesh)
+    rows = parallel.local_rows(plan.mesh, plan.batch)
+    padding = zero_weights(plan.spec)
+    shardings = parallel.weight_shardings(plan.spec, plan.mesh)
     progress = _Progress(len(plan.todo), enabled=options.progress and jax.process_index() == 0)
     started = time.perf_counter()
-    batches = list(_batches(plan.todo, plan.batch))
     workers = resolve_load_workers(options.load_workers, plan.mesh)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="restore") as pool:
-
-        def submit(steps: list[int]) -> dict[int, Future]:
-            # Only the rows on this process's devices; a short last batch leaves rows empty.
-            return {r: pool.submit(_load, plan.source, steps[r]) for r in local_rows if r < len(steps)}
-
-        pending = submit(batches[0]) if batches else {}
-        for index, steps in enumerate(batches):
-            loads = {r: f.result() for r, f in pending.items()}
-            # Start restoring the next batch now: it overlaps this batch's compute.
-            pending = submit(batches[index + 1]) if index + 1 < len(batches) else {}
-            local = [loads[r][0].weights if r in loads and loads[r][0] is not None else padding for r in local_rows]
-            local_ok = np.array([r in loads and loads[r][0] is not None for r in local_rows], bool)
-            ok = _gather_flags(local_ok, plan.batch)
-            compute_start = time.perf_counter()
-            placed = place_batch(local, plan.spec, shardings, plan.batch)
-            # Rows without a checkpoint (padding, failed restores) are skipped, not scored.
-            results = gather_results(score_all(placed, plan.probes, checkpoints_per_pass=per_pass, valid=ok))
-            compute = time.perf_counter() - compute_start
-            if index == 0:
-                summary.compile_seconds = compute
-            records, failures = [], []
-            for row, step in enumerate(steps):
-                load = loads.get(row)
-                if ok[row]:
-                    tokens = load[0].tokens_seen if load is not None else None
-                    load_seconds = load[2] if load is not None else 0.0
-                    records.append(checkpoint_scores(results, row, step, tokens, load_seconds + compute / len(steps), keep))
-                else:
-                    error = load[1] if load is not None else "restore failed on another process (see its log)"
-                    failures.append((step, error or "unknown error"))
-            if store is not None:
-                store.write_batch(plan.run, plan.probe_hash, records)
-                for step, error in failures:
-                    store.mark_failed(plan.run, plan.probe_hash, step, error)
-            summary.scanned += len(records)
-            summary.failed += len(failures)
-            summary.failures += failures
-            progress.update(len(steps), steps[-1])
-            if on_batch is not None:
-                on_batch(steps)
+    for index, (steps, restored) in enumerate(prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers)):
+        loaded = {r: got.checkpoint for r, got in restored.items() if got.checkpoint is not None}
+        local = [loaded[r].weights if r in loaded else padding for r in rows]
+        ok = parallel.gather_flags(np.array([r in loaded for r in rows], bool), plan.batch)
+        compute_start = time.perf_counter()
+        placed = parallel.place_batch(local, plan.spec, shardings, plan.batch)
+        # Rows without a checkpoint (padding, failed restores) are skipped, not scored.
+        results = parallel.gather_results(
+            score_all(placed, plan.probes, mesh=plan.mesh, scores=options.scores, checkpoints_per_pass=per_pass, valid=ok)
+        )
+        compute = time.perf_counter() - compute_start
+        if index == 0:
+            summary.compile_seconds = compute
+        records, failures = [], []
+        for row, step in enumerate(steps):
+            got = restored.get(row)
+            if ok[row]:
+                tokens = got.checkpoint.tokens_seen if got is not None and got.checkpoint is not None else None
+                seconds = (got.seconds if got is not None else 0.0) + compute / len(steps)
+                records.append(checkpoint_scores(results, row, step, tokens, seconds))
+            else:
+                error = got.error if got is not None else "restore failed on another process (see its log)"
+                failures.append((step, error or "unknown error"))
+        if store is not None:
+            store.write_batch(plan.run, plan.probe_hash, records)
+            for step, error in failures:
+                store.mark_failed(plan.run, plan.probe_hash, step, error)
+        summary.scanned += len(records)
+        summary.failed += len(failures)
+        summary.failures += failures
+        progress.update(len(steps), steps[-1])
+        if on_batch is not None:
+            on_batch(steps)
     progress.close()
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def _gather_flags(local_ok: np.ndarray, batch: int) -> np.ndarray:
-    if jax.process_count() == 1:
-        out = np.zeros(batch, bool)
-        out[: len(local_ok)] = local_ok
-        return out
-    return np.asarray(multihost_utils.process_allgather(local_ok, tiled=True)).reshape(batch)
-
-
-# --- following a live run ------------------------------------------------------------------
-
-
-def watch(
-    options: ScanOptions,
-    *,
-    poll_seconds: float = 10.0,
-    until_step: int | None = None,
-    idle_timeout: float | None = None,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
-) -> ScanSummary:
-    """Scan each checkpoint as soon as its save is committed, until a step >= ``until_step``
-    is committed and every committed step has been scanned, or nothing new has arrived for
-    ``idle_timeout`` seconds.
-
-    Single-process. Orbax finalises a save by renaming its tmp directory, so a step that
-    `steps()` lists is complete; steps still being written are never seen. A checkpoint
-    that fails is recorded and reported once and not retried while watch runs (a committed
-    checkpoint that cannot be read stays so); a later `scan` retries it.
-    """
-    if until_step is None and idle_timeout is None:
-        raise ScanError("watch needs --until-step N or --idle-timeout SECONDS (or both), so that it ends")
-    if jax.process_count() > 1:
-        raise ScanError("watch runs in one process; use scan under jax.distributed")
-    total = ScanSummary(options.run or "", "")
-    last_new = time.monotonic()
-    listed: list[int] = []  # the committed steps at the last scan
-    failed: set[int] = set()
-    waiting_logged = False
-    while True:
-        source = open_source(options.source, allow_empty=True, mapping=options.mapping)
-        try:
-            steps = source.steps()
-        finally:
-            source.close()
-        if steps and steps != listed:  # something new: scan what is neither done nor failed
-            listed = steps
-            summary = scan(dataclasses.replace(options, progress=False), skip_steps=failed)
-            total.run, total.probe_hash, total.selected = summary.run, summary.probe_hash, summary.selected
-            for step, error in summary.failures:
-                log(f"watch: step {step} failed: {error}")
-            failed.update(step for step, _ in summary.failures)
-            if summary.scanned or summary.failed:
-                last_new = time.monotonic()
-                total.scanned += summary.scanned
-                total.failed += summary.failed
-                total.failures += summary.failures
-                log(f"watch: scanned {summary.scanned} new checkpoint(s), {summary.failed} failed (latest step {steps[-1]})")
-        elif not steps and not waiting_logged:
-            log(f"watch: waiting for the first checkpoint in {options.source}")
-            waiting_logged = True
-        if until_step is not None and listed and listed[-1] >= until_step:
-            log(f"watch: step {listed[-1]} >= {until_step} is committed and every committed step is scanned; stopping")
-            return total
-        if idle_timeout is not None and time.monotonic() - last_new > idle_timeout:
-            log(f"watch: no new checkpoint for {idle_timeout:g} s; stopping")
-            return total
-        time.sleep(poll_seconds)
 
 
 # --- progress ------------------------------------------------------------------------------

@@ -1,1 +1,1 @@
-"""TODO"""
+"""The model: canonical Weights and ModelSpec, the pure forward pass, weight processing, and the Flax NNX reference model."""

@@ -5,9 +5,9 @@ independently of `jaxinduct.model.forward` (flax's own Linear/LayerNorm/RMSNorm 
 fused head projections, `jax.nn.dot_product_attention`, rotary as a complex
 rotation) so that each checks the other in the tests.
 
-Its parameters, as a pure dict (``nnx.to_pure_dict``), are the "nnx" checkpoint
-layout that the trainer saves; `nnx_params_to_weights` and `weights_to_nnx_params`
-convert that layout losslessly to and from canonical `Weights`.
+Its parameters, as a pure dict (``nnx.to_pure_dict``), are the checkpoint layout that
+the trainer saves (`jaxinduct.checkpoints.layout.Layout.NNX`); `nnx_params_to_weights` and
+`weights_to_nnx_params` convert that layout losslessly to and from canonical `Weights`.
 """
 
 from __future__ import annotations

@@ -147,9 +147,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _per_layer() -> Any:
-    """A leaf with a leading layer axis (the forward pass scans over these)."""
-    return dataclasses.field(default=None, metadata={"per_layer": True})
+def _leaf(axes: str, *, default_none: bool = True) -> Any:
+    """A leaf and its logical axis names (one checkpoint), as in its annotation.
+
+    The names are jaxinduct's axis vocabulary (`jaxinduct.parallel`): placement derives
+    every sharding from them, and a leading ``layer`` axis marks the leaves the forward
+    pass scans over.
+    """
+    names = tuple(axes.split())
+    metadata = {"axes": names, "per_layer": names[:1] == ("layer",)}
+    return dataclasses.field(default=None, metadata=metadata) if default_none else dataclasses.field(metadata=metadata)
 
 
 @jax.tree_util.register_dataclass
@@ -160,31 +167,31 @@ class Weights:
     Shapes below are for one checkpoint; a stack adds a leading ``ckpt`` axis.
     """
 
-    W_E: Float[Array, "d_vocab d_model"]
-    W_U: Float[Array, "d_model d_vocab"]
-    b_U: Float[Array, " d_vocab"]
+    W_E: Float[Array, "d_vocab d_model"] = _leaf("d_vocab d_model", default_none=False)
+    W_U: Float[Array, "d_model d_vocab"] = _leaf("d_model d_vocab", default_none=False)
+    b_U: Float[Array, " d_vocab"] = _leaf("d_vocab", default_none=False)
     # Attention: always present (zero biases where a source has none).
-    W_Q: Float[Array, "layer head d_model d_head"] = _per_layer()
-    W_K: Float[Array, "layer head d_model d_head"] = _per_layer()
-    W_V: Float[Array, "layer head d_model d_head"] = _per_layer()
-    W_O: Float[Array, "layer head d_head d_model"] = _per_layer()
-    b_Q: Float[Array, "layer head d_head"] = _per_layer()
-    b_K: Float[Array, "layer head d_head"] = _per_layer()
-    b_V: Float[Array, "layer head d_head"] = _per_layer()
-    b_O: Float[Array, "layer d_model"] = _per_layer()
-    W_pos: Float[Array, "n_ctx d_model"] | None = None
+    W_Q: Float[Array, "layer head d_model d_head"] = _leaf("layer head d_model d_head")
+    W_K: Float[Array, "layer head d_model d_head"] = _leaf("layer head d_model d_head")
+    W_V: Float[Array, "layer head d_model d_head"] = _leaf("layer head d_model d_head")
+    W_O: Float[Array, "layer head d_head d_model"] = _leaf("layer head d_head d_model")
+    b_Q: Float[Array, "layer head d_head"] = _leaf("layer head d_head")
+    b_K: Float[Array, "layer head d_head"] = _leaf("layer head d_head")
+    b_V: Float[Array, "layer head d_head"] = _leaf("layer head d_head")
+    b_O: Float[Array, "layer d_model"] = _leaf("layer d_model")
+    W_pos: Float[Array, "n_ctx d_model"] | None = _leaf("n_ctx d_model")
     # Norm scales (w) and biases (b). None when spec.norm is none; biases None for rmsnorm.
-    ln1_w: Float[Array, "layer d_model"] | None = _per_layer()
-    ln1_b: Float[Array, "layer d_model"] | None = _per_layer()
-    ln2_w: Float[Array, "layer d_model"] | None = _per_layer()
-    ln2_b: Float[Array, "layer d_model"] | None = _per_layer()
-    ln_final_w: Float[Array, " d_model"] | None = None
-    ln_final_b: Float[Array, " d_model"] | None = None
+    ln1_w: Float[Array, "layer d_model"] | None = _leaf("layer d_model")
+    ln1_b: Float[Array, "layer d_model"] | None = _leaf("layer d_model")
+    ln2_w: Float[Array, "layer d_model"] | None = _leaf("layer d_model")
+    ln2_b: Float[Array, "layer d_model"] | None = _leaf("layer d_model")
+    ln_final_w: Float[Array, " d_model"] | None = _leaf("d_model")
+    ln_final_b: Float[Array, " d_model"] | None = _leaf("d_model")
     # MLP; None for attention-only models.
-    W_in: Float[Array, "layer d_model d_mlp"] | None = _per_layer()
-    b_in: Float[Array, "layer d_mlp"] | None = _per_layer()
-    W_out: Float[Array, "layer d_mlp d_model"] | None = _per_layer()
-    b_out: Float[Array, "layer d_model"] | None = _per_layer()
+    W_in: Float[Array, "layer d_model d_mlp"] | None = _leaf("layer d_model d_mlp")
+    b_in: Float[Array, "layer d_mlp"] | None = _leaf("layer d_mlp")
+    W_out: Float[Array, "layer d_mlp d_model"] | None = _leaf("layer d_mlp d_model")
+    b_out: Float[Array, "layer d_model"] | None = _leaf("layer d_model")
     spec: ModelSpec = dataclasses.field(kw_only=True, metadata=dict(static=True))
 
     def arrays(self) -> dict[str, Array]:
@@ -198,6 +205,8 @@ class Weights:
 
 ARRAY_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Weights) if f.name != "spec")
 LAYER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Weights) if f.metadata.get("per_layer"))
+# Logical axis names of every leaf of one checkpoint (the field metadata), for placement.
+LEAF_AXES: dict[str, tuple[str, ...]] = {f.name: f.metadata["axes"] for f in dataclasses.fields(Weights) if "axes" in f.metadata}
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -306,3 +315,13 @@ def init_random_weights(spec: ModelSpec, seed: int, *, scale: float = 0.5) -> We
             fan_in = 1 if name in ("W_E", "W_pos") else shape[-2]
             arrays[name] = (scale / np.sqrt(fan_in)) * noise
     return make_weights(spec, {k: jnp.asarray(v) for k, v in arrays.items()})
+
+
+def abstract_weights(spec: ModelSpec, dtype: Any = np.float32) -> Weights:
+    """Weights of ``jax.ShapeDtypeStruct`` leaves (one checkpoint): a restore or trace target."""
+    return Weights(spec=spec, **{name: jax.ShapeDtypeStruct(shape, dtype) for name, shape in expected_shapes(spec).items()})
+
+
+def zero_weights(spec: ModelSpec) -> Weights:
+    """Weights of host float32 zeros (one checkpoint): the padding row of a batch with no checkpoint."""
+    return Weights(spec=spec, **{name: np.zeros(shape, np.float32) for name, shape in expected_shapes(spec).items()})

@@ -1,1 +1,1 @@
-"""TODO"""
+"""What people read: the `show` table and the HTML report."""

@@ -1,1 +1,1 @@
-"""TODO"""
+"""The results store, its exports, the run view and phase detection."""

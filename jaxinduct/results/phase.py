@@ -28,6 +28,10 @@ joins the signals that agree:
    intervals that overlap it. Signals that change at another time (the loss falls early
    while unigram statistics are learned) do not move it.
 
+When a single head has formed is simpler than when the run's phase change happened:
+``formation_steps`` (docs/scores.md, "Formation"), the first step from which the head's
+prefix_matching stays above the verdict threshold.
+
 Pure numpy; ``update_phase_change`` reads a run from the store and writes the result as
 model-level rows ``phase_change_start`` / ``phase_change_end`` (absent when none is found).
 """
@@ -44,6 +48,7 @@ from jaxtyping import Float
 from jaxinduct.results.store import ResultStore
 
 PHASE_METRICS = ("phase_change_start", "phase_change_end")
+FORMATION_METRIC = "prefix_matching"  # the score whose series says when a head formed
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,11 @@ def head_formations(
     prefix_matching: Float[np.ndarray, "n layer head"],
     config: DetectionConfig = DetectionConfig(),
 ) -> dict[tuple[int, int], Change]:
-    """Each head's own formation: a rise of its prefix_matching to the verdict threshold."""
+    """Each head's own fitted ramp: a rise of its prefix_matching to the verdict threshold.
+
+    An analysis of how abruptly each head formed; what the readers call "formed" is
+    `formation_steps`.
+    """
     signal = replace(SIGNALS[0], name="prefix_matching")  # one head's, not the maximum
     # A head that never reaches the threshold cannot have formed: skip its (costlier) fit.
     reached = np.nan_to_num(prefix_matching, nan=-np.inf).max(axis=0, initial=-np.inf) > config.formed_prefix
@@ -215,6 +224,29 @@ def head_formations(
     return found
 
 
+# --- formation: when a head has formed -----------------------------------------------------------
+
+
+def formation_steps(
+    steps: Sequence[int] | np.ndarray, prefix_matching: Float[np.ndarray, "n layer head"], threshold: float
+) -> np.ndarray:
+    """[layer, head]: the step each head formed at, -1 where it has not (docs/scores.md, "Formation").
+
+    A head has formed at step S when S is the first done step from which its prefix_matching
+    stays above ``threshold`` (strict >; NaN never counts as above) at every later done step.
+    A head that is not above it at the last step has not formed. Unlike `head_formations`
+    (a fitted ramp, which needs a clear rise), this is a plain reading of the series, the one
+    every reader shows.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    if len(steps) == 0:
+        return np.full(prefix_matching.shape[1:], -1, dtype=np.int64)
+    above = np.greater(prefix_matching, threshold)  # NaN compares False: never above
+    # stays[i]: above at step i and at every later step (a cumulative AND from the end).
+    stays = np.flip(np.logical_and.accumulate(np.flip(above, axis=0), axis=0), axis=0)
+    return np.where(stays[-1], steps[np.argmax(stays, axis=0)], -1)
+
+
 # --- reading a run from the store, and recording the result -------------------------------------
 
 
@@ -225,32 +257,31 @@ class RunSeries:
     series: dict[str, np.ndarray]  # SIGNALS names -> [n], NaN where not stored
 
 
-def run_series(
-    store: ResultStore, run: str, probe_hash: str | None = None, *, prefix_matching: tuple[np.ndarray, np.ndarray] | None = None
-) -> RunSeries:
-    """The detection signals of ``run`` at ``probe_hash`` (its latest by default).
+MODEL_SIGNALS = ("icl_score", "induction_loss")  # the model-level scores among SIGNALS
 
-    prefix_matching: the run's (steps, grid) of it, when the caller has already read it.
-    """
-    if prefix_matching is None:
-        prefix_matching = store.head_score_grid(run, "prefix_matching", probe_hash=probe_hash)
-    steps, grid = prefix_matching
+
+def signal_series(prefix_matching: np.ndarray, model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The detection signals (``SIGNALS`` names -> [n]) of a run's prefix_matching grid
+    [n, layer, head] and model-score series (name -> [n]); those without any value are left out."""
     series: dict[str, np.ndarray] = {}
-    if grid.size and not np.isnan(grid).all():
-        flat = grid.reshape(len(steps), -1)
+    if prefix_matching.size and not np.isnan(prefix_matching).all():
+        flat = prefix_matching.reshape(len(prefix_matching), -1)
         defined = ~np.isnan(flat).all(axis=1)
-        best = np.full(len(steps), np.nan)
+        best = np.full(len(flat), np.nan)
         best[defined] = np.nanmax(flat[defined], axis=1)
         series["max_prefix_matching"] = best
-    for metric in ("icl_score", "induction_loss"):
-        rows = store.model_scores(run, metric, probe_hash=probe_hash)
-        if len(rows):
-            values = np.full(len(steps), np.nan)
-            at = np.searchsorted(steps, rows["step"])
-            ok = (at < len(steps)) & (steps[np.minimum(at, len(steps) - 1)] == rows["step"])
-            values[at[ok]] = rows["value"][ok]
+    for metric in MODEL_SIGNALS:
+        values = model.get(metric)
+        if values is not None and not np.isnan(values).all():
             series[metric] = values
-    return RunSeries(steps, grid, series)
+    return series
+
+
+def run_series(store: ResultStore, run: str, probe_hash: str | None = None) -> RunSeries:
+    """The detection signals of ``run`` at ``probe_hash`` (its latest by default), read from the store."""
+    steps, grid = store.head_score_grid(run, "prefix_matching", probe_hash=probe_hash)
+    _, model = store.model_score_series(run, MODEL_SIGNALS, probe_hash=probe_hash)
+    return RunSeries(steps, grid, signal_series(grid, model))
 
 
 def update_phase_change(

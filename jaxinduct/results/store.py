@@ -58,7 +58,6 @@ but they would race on which checkpoints to compute.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import os
@@ -80,10 +79,9 @@ APPLICATION_ID = 0x4A494E44  # b"JIND" in the SQLite header: marks a jaxinduct s
 BUSY_TIMEOUT_MS = 60_000  # how long a reader waits out the writer's commit (and vice versa)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _CURVE_DTYPE = np.dtype("<f4")  # fixed byte order: a store copied between machines stays readable
-_EXPORT_CHUNK = 100_000  # rows per fetch when exporting, so exports run in bounded memory
+_READ_CHUNK = 100_000  # rows per fetch where a reader streams a table, so memory stays bounded
 
-ExportTable = Literal["heads", "pairs", "model"]
-ExportFormat = Literal["csv", "parquet"]
+ScoreTable = Literal["head_scores", "pair_scores", "model_scores"]
 
 
 class StoreError(JaxInductError):
@@ -215,6 +213,12 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
 )
 _SCORE_TABLES = ("head_scores", "pair_scores", "model_scores", "curves")
+# Each score table's key after (run, probe_hash): the order its rows are read in.
+_SCORE_KEYS: dict[str, tuple[str, ...]] = {
+    "head_scores": ("step", "metric", "layer", "head"),
+    "pair_scores": ("step", "kind", "src_layer", "src_head", "dst_layer", "dst_head"),
+    "model_scores": ("step", "metric"),
+}
 
 
 # --- opening: refuse anything that is not a store of this schema, without touching it -------
@@ -737,117 +741,68 @@ class ResultStore:
         return steps, grids[metric]
 
     def head_score_grids(
-        self, run: str, metrics: Sequence[str], *, probe_hash: str | None = None
+        self, run: str, metrics: Sequence[str] | None = None, *, probe_hash: str | None = None
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """`head_score_grid` of several metrics: the steps and extents are read once."""
+        """`head_score_grid` of several metrics, or of every metric the run has (by name) when
+        ``metrics`` is None. The steps and extents are read once, and the rows in one pass,
+        a chunk at a time, so memory holds the grids and one chunk, never every row."""
         resolved = self.resolve_probe_hash(run, probe_hash)
         if resolved is None:
-            return np.zeros(0, np.int64), {metric: np.zeros((0, 0, 0)) for metric in metrics}
-        steps = np.array(sorted(self.done_steps(run, resolved)), dtype=np.int64)
-        n_layers, n_heads = self._conn.execute(
-            "SELECT coalesce(max(layer) + 1, 0), coalesce(max(head) + 1, 0) FROM head_scores WHERE run = ? AND probe_hash = ?",
-            (run, resolved),
-        ).fetchone()
-        grids = {}
-        for metric in metrics:
-            rows = self.head_scores(run, metric, probe_hash=resolved)
-            grid = np.full((len(steps), n_layers, n_heads), np.nan)
-            grid[np.searchsorted(steps, rows["step"]), rows["layer"], rows["head"]] = rows["value"]
-            grids[metric] = grid
-        return steps, grids
-
-
-# --- export ------------------------------------------------------------------------------------
-
-EXPORT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "heads": ("run", "step", "layer", "head", "metric", "value"),
-    "pairs": ("run", "step", "kind", "src_layer", "src_head", "dst_layer", "dst_head", "value"),
-    "model": ("run", "step", "metric", "value"),
-}
-_EXPORT_SOURCE = {
-    "heads": ("head_scores", "step, metric, layer, head"),
-    "pairs": ("pair_scores", "step, kind, src_layer, src_head, dst_layer, dst_head"),
-    "model": ("model_scores", "step, metric"),
-}
-_TEXT_COLUMNS = {"run", "metric", "kind"}
-
-
-def _export_chunks(store: ResultStore, table: str, run: str | None, probe_hash: str | None) -> Iterator[list[tuple]]:
-    """Rows of ``table`` in export column order, run by run, each run at its chosen probe hash."""
-    source, order = _EXPORT_SOURCE[table]
-    runs = [run] if run is not None else [r.name for r in store.runs()]
-    for name in runs:
-        if run is None and probe_hash is not None and probe_hash not in store.probe_hashes(name):
-            continue  # exporting one probe hash across runs: runs without it contribute nothing
-        resolved = store.resolve_probe_hash(name, probe_hash)
-        if resolved is None:
-            continue
-        cursor = store._conn.execute(
-            f"SELECT {', '.join(EXPORT_COLUMNS[table])} FROM {source} WHERE run = ? AND probe_hash = ? ORDER BY {order}",
-            (name, resolved),
+            return np.zeros(0, np.int64), {metric: np.zeros((0, 0, 0)) for metric in metrics or ()}
+        steps = self._done_step_array(run, resolved)
+        where, params = "WHERE run = ? AND probe_hash = ?", [run, resolved]
+        extents = self._conn.execute(f"SELECT metric, max(layer), max(head) FROM head_scores {where} GROUP BY metric", params)
+        stored = {name: (layers, heads) for name, layers, heads in extents}
+        n_layers = max((layers + 1 for layers, _ in stored.values()), default=0)
+        n_heads = max((heads + 1 for _, heads in stored.values()), default=0)
+        names = sorted(stored) if metrics is None else list(dict.fromkeys(metrics))
+        stack = np.full((len(names), len(steps), n_layers, n_heads), np.nan)
+        index = {name: i for i, name in enumerate(names)}
+        cursor = self._conn.execute(
+            f"SELECT metric, step, layer, head, value FROM head_scores {where} AND metric IN ({', '.join('?' * len(names))})",
+            [*params, *names],
         )
-        while chunk := cursor.fetchmany(_EXPORT_CHUNK):
+        while chunk := cursor.fetchmany(_READ_CHUNK):
+            metric, step, layer, head, value = zip(*chunk)
+            at = np.searchsorted(steps, np.asarray(step, np.int64))
+            stack[[index[m] for m in metric], at, np.asarray(layer, np.int64), np.asarray(head, np.int64)] = value
+        return steps, {name: stack[i] for i, name in enumerate(names)}
+
+    def model_score_series(
+        self, run: str, metrics: Sequence[str] | None = None, *, probe_hash: str | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(steps [n], metric -> values [n]) over the done steps, NaN where nothing is stored;
+        every model metric the run has (by name) when ``metrics`` is None."""
+        resolved = self.resolve_probe_hash(run, probe_hash)
+        if resolved is None:
+            return np.zeros(0, np.int64), {metric: np.zeros(0) for metric in metrics or ()}
+        steps = self._done_step_array(run, resolved)
+        rows = self.model_scores(run, probe_hash=resolved)
+        wanted = sorted(set(rows["metric"].tolist())) if metrics is None else metrics
+        series = {}
+        for name in wanted:
+            mine = rows[rows["metric"] == name]
+            values = np.full(len(steps), np.nan)
+            values[np.searchsorted(steps, mine["step"])] = mine["value"]  # score rows exist for done steps only
+            series[name] = values
+        return steps, series
+
+    def _done_step_array(self, run: str, probe_hash: str) -> np.ndarray:
+        return np.array(sorted(self.done_steps(run, probe_hash)), dtype=np.int64)
+
+    def score_rows(
+        self, table: ScoreTable, columns: Sequence[str], run: str, probe_hash: str
+    ) -> Iterator[list[tuple]]:
+        """The rows of one run at one probe hash in a score table, ``columns`` in that order,
+        ordered by the table's key, in chunks (so a reader streams them in bounded memory)."""
+        key = _SCORE_KEYS[table]
+        unknown = set(columns) - {"run", "probe_hash", *key, "value"}
+        if unknown:
+            raise ValueError(f"{table} has no columns {sorted(unknown)}")
+        cursor = self._conn.execute(
+            f"SELECT {', '.join(columns)} FROM {table} WHERE run = ? AND probe_hash = ? ORDER BY {', '.join(key)}",
+            (run, probe_hash),
+        )
+        while chunk := cursor.fetchmany(_READ_CHUNK):
             yield chunk
 
-
-def _write_csv(path: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]) -> int:
-    n = 0
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for chunk in chunks:
-            writer.writerows(chunk)
-            n += len(chunk)
-    return n
-
-
-def _write_parquet(path: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]) -> int:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise StoreError("Parquet export needs pyarrow. Fix: pip install pyarrow==26.0.1, or export --format csv.") from e
-    types = {"value": pa.float64(), **{c: pa.string() for c in _TEXT_COLUMNS}}
-    schema = pa.schema([(c, types.get(c, pa.int64())) for c in columns])
-    n = 0
-    with pq.ParquetWriter(path, schema) as writer:
-        for chunk in chunks:
-            arrays = [pa.array(list(values), type=field.type) for values, field in zip(zip(*chunk), schema)]
-            writer.write_batch(pa.record_batch(arrays, schema=schema))
-            n += len(chunk)
-    return n
-
-
-def export(
-    store: ResultStore,
-    table: ExportTable,
-    fmt: ExportFormat,
-    out_path: str | os.PathLike[str],
-    run: str | None = None,
-    *,
-    probe_hash: str | None = None,
-) -> int:
-    """Write one table to CSV or Parquet with the columns of ``EXPORT_COLUMNS[table]``, in order.
-
-    Every run unless ``run`` is given. A run scanned with several probe configurations is
-    exported at its latest probe hash (that of its most recently written done checkpoint)
-    unless ``probe_hash`` picks one. The file appears whole or not at all (written beside it,
-    then renamed). Returns the number of rows written.
-    """
-    if table not in EXPORT_COLUMNS:
-        raise StoreError(f"unknown export table {table!r}; choose one of {', '.join(EXPORT_COLUMNS)}.")
-    writers = {"csv": _write_csv, "parquet": _write_parquet}
-    if fmt not in writers:
-        raise StoreError(f"unknown export format {fmt!r}; choose one of {', '.join(writers)}.")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    chunks = _export_chunks(store, table, run, probe_hash)
-    # A plain sibling name rather than mkstemp: the export gets the usual (umask) permissions.
-    tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        n = writers[fmt](tmp_path, EXPORT_COLUMNS[table], chunks)
-        os.replace(tmp_path, out_path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return n

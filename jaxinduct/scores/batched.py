@@ -1,34 +1,46 @@
-"""The one place where score kernels are batched over examples, heads, layers and checkpoints."""
+"""The one place where score kernels are batched over examples, heads, layers and checkpoints.
+
+`score_all` computes every registered score (`jaxinduct.scores.registry`), or a
+selection, for ckpt-stacked Weights in one compiled pass. Each score is a function of
+one checkpoint (`jaxinduct.scores.context.Checkpoint`); `LazyCheckpoint` is that
+checkpoint inside the traced per-checkpoint program: it batches the kernels (over
+examples in the forward passes, over heads and head pairs) and computes every shared
+intermediate at most once, when a selected score first needs it. The per-checkpoint
+program is then batched over checkpoints (vmap, chunks, devices) in `_score_checkpoints`.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinduct.model.forward import ForwardOutput, forward
-from jaxinduct.scores.probes import ProbeConfig, Probes, VerdictThresholds
 from jaxinduct.model.processing import process_weights
+from jaxinduct.model.weights import ModelSpec, NormKind, Weights
+from jaxinduct.parallel import CheckpointParallel, checkpoint_parallel, mesh_of, per_device, place_flags
+from jaxinduct.scores import registry
 from jaxinduct.scores.compat import DetectionPattern, ErrorMeasure, detection_pattern, pattern_similarity
+from jaxinduct.scores.context import Ablated, Checkpoint, ProbeArrays, RepeatedSummaries
 from jaxinduct.scores.empirical import copying, duplicate_token, prefix_matching, previous_token
-from jaxinduct.scores.mechanistic import (
-    composition_score,
-    induction_qk_positivity,
-    induction_qk_trace,
-    k_composition,
-    ov_copying,
-    pointer_arithmetic,
-    q_composition,
-    qk_prev_token,
-    v_composition,
-)
-from jaxinduct.model.weights import NormKind, PositionalScheme, Weights
+from jaxinduct.scores.losses import icl_of_curve, mean_token_losses, token_losses
+from jaxinduct.scores.mechanistic import composition_score
+from jaxinduct.scores.probes import ProbeConfig, Probes, VerdictThresholds
+from jaxinduct.scores.registry import SCORES_VERSION, Kind, Score
+
+__all__ = [
+    "CURVE_NAMES", "HEAD_SCORE_NAMES", "MODEL_SCORE_NAMES", "PAIR_SCORE_NAMES", "PUBLIC_SCORE_NAMES", "SCORES_VERSION",
+    "LazyCheckpoint", "ProbeArrays", "ScoreResults", "all_composition_scores", "detect_head", "head_prefix_matching",
+    "induction_verdicts", "score_all", "stacked_prefix_matching", "token_losses",
+]  # fmt: skip
+
+T = TypeVar("T")
 
 
 def _summarised_forward(
@@ -45,10 +57,10 @@ def _summarised_forward(
     return jax.vmap(one)(tokens, *per_example)
 
 
-def _repeated_summary(pattern: Array, tokens: Array) -> tuple[Array, Array]:
+def _repeated_summary(pattern: Array, tokens: Array) -> RepeatedSummaries:
     """prefix_matching and duplicate_token of every head of a layer: two [head]."""
     over_heads = lambda kernel: jax.vmap(kernel, in_axes=(0, None))(pattern, tokens)  # noqa: E731
-    return over_heads(prefix_matching), over_heads(duplicate_token)
+    return RepeatedSummaries(over_heads(prefix_matching), over_heads(duplicate_token))
 
 
 def _prefix2_summary(pattern: Array, tokens: Array, queries: Array) -> Array:
@@ -131,11 +143,11 @@ def all_composition_scores(weights: Weights, mode: str) -> Float[Array, "layer h
     return jnp.where(earlier, scores, 0.0)
 
 
-# --- every score of every head of many checkpoints: the entry point ---------------------------
+# --- every registered score of one checkpoint ---------------------------------------------------
 
 
 class ScoreResults(NamedTuple):
-    """Scores by public name (docs/scores.md), for every checkpoint of a stack.
+    """Scores by public name (docs/scores.md), for every checkpoint of a stack; one field per `Kind`.
 
     head: [ckpt, layer, head]; pair: [ckpt, src_layer, src_head, dst_layer, dst_head],
     NaN unless src_layer < dst_layer; model: [ckpt]; curve: [ckpt, seq];
@@ -149,89 +161,13 @@ class ScoreResults(NamedTuple):
     head_curve: dict[str, Float[Array, "ckpt layer head seq"]]  # per-head ablation curves
 
 
+assert ScoreResults._fields == tuple(kind.value for kind in Kind), "one ScoreResults field per Kind, named by its value"
+
+
 def _over_heads(kernel: Callable[..., Array], *, example_axes: tuple, head_axes: tuple) -> Callable[..., Array]:
     """kernel of one head on one example -> [example, layer, head]; axes as in jax.vmap."""
     per_layer = jax.vmap(jax.vmap(kernel, in_axes=head_axes), in_axes=head_axes)
     return jax.vmap(per_layer, in_axes=example_axes)
-
-
-def _copying(weights: Weights, tokens: Int[Array, "example seq"]) -> Float[Array, "layer head"]:
-    out = jax.vmap(lambda t: forward(weights, t, return_patterns=True, return_head_outputs=True))(tokens)
-    spec = weights.spec
-    final_w = weights.ln_final_w if weights.ln_final_w is not None else jnp.ones(spec.d_model, weights.W_U.dtype)
-    kernel = functools.partial(copying, centre=spec.norm == NormKind.LAYERNORM)
-    # Over (pattern, head_output) per head; final scale, norm weight, W_U and tokens shared.
-    scores = _over_heads(
-        kernel, example_axes=(0, 0, 0, None, None, 0), head_axes=(0, 0, None, None, None, None)
-    )(out.patterns, out.head_outputs, out.final_scale, final_w, weights.W_U, tokens)
-    return jnp.nanmean(scores, axis=0)
-
-
-def _empirical_head_scores(weights: Weights, probes: ProbeArrays) -> tuple[dict[str, Array], ForwardOutput]:
-    on_repeated = _summarised_forward(weights, probes.repeated, _repeated_summary)
-    prefix_matching_scores, duplicate_token_scores = (s.mean(axis=0) for s in on_repeated.pattern_summaries)
-    prefix2 = _summarised_forward(weights, probes.prefix2, _prefix2_summary, probes.prefix2_queries)
-    prefix2 = prefix2.pattern_summaries.mean(axis=0)
-    head = {
-        "prefix_matching": prefix_matching_scores,
-        "duplicate_token": duplicate_token_scores,
-        "copying": _copying(weights, probes.copying),
-    }
-    head["prefix2_sensitivity"] = head["prefix_matching"] - prefix2
-    return head, on_repeated
-
-
-def token_losses(logits: Float[Array, "example seq d_vocab"], tokens: Int[Array, "example seq"]) -> Float[Array, "example seq"]:
-    """Cross-entropy of token i given tokens[:i], at index i; index 0 (nothing to condition on) is NaN."""
-    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(nll, ((0, 0), (1, 0)), constant_values=jnp.nan)
-
-
-def _induction_loss(repeated_logits: Array, repeated: Array, config: ProbeConfig) -> Array:
-    # The second half of the repeated body, which an induction head predicts.
-    body = config.block_len * config.n_repeats
-    second_half = repeated.shape[1] - body + body // 2
-    return token_losses(repeated_logits, repeated)[:, second_half:].mean()
-
-
-class _DatasetScores(NamedTuple):
-    per_token_loss: Float[Array, " seq"]
-    icl_score: Float[Array, ""]
-    previous_token: Float[Array, "layer head"]
-    head: dict[str, Array]  # ablation deltas of icl_score
-    head_curve: dict[str, Array]  # ablation deltas of per_token_loss
-
-
-def _dataset_scores(weights: Weights, dataset: Int[Array, "example seq"], config: ProbeConfig) -> _DatasetScores:
-    # Full patterns only for the pattern-preserving ablation; previous_token needs a summary.
-    clean = jax.vmap(
-        lambda t: forward(weights, t, return_patterns=config.ablation, reduce_patterns=jax.vmap(previous_token))
-    )(dataset)
-
-    def curve_and_icl(logits):
-        curve = token_losses(logits, dataset).mean(axis=0)
-        return curve, curve[config.icl_late] - curve[config.icl_early]
-
-    curve, icl = curve_and_icl(clean.logits)
-    head: dict[str, Array] = {}
-    head_curve: dict[str, Array] = {}
-    if config.ablation:
-        spec = weights.spec
-        n_heads = spec.n_layers * spec.n_heads
-        masks = 1.0 - jnp.eye(n_heads, dtype=clean.logits.dtype).reshape(n_heads, spec.n_layers, spec.n_heads)
-
-        def ablated(mask, frozen):
-            one = lambda t, f: forward(weights, t, head_mask=mask, frozen_patterns=f).logits  # noqa: E731
-            return curve_and_icl(jax.vmap(one)(dataset, frozen))
-
-        # One layer's heads at a time (vmapped), layers in sequence: memory of n_heads forward passes.
-        for suffix, frozen in (("", None), ("_pattern_preserving", clean.patterns)):
-            curves, icls = jax.lax.map(lambda m: ablated(m, frozen), masks, batch_size=spec.n_heads)
-            shape = (spec.n_layers, spec.n_heads)
-            head["ablation_icl_delta" + suffix] = (icls - icl).reshape(shape)
-            head_curve["ablation_per_token_loss_delta" + suffix] = (curves - curve).reshape(*shape, -1)
-    return _DatasetScores(curve, icl, clean.pattern_summaries.mean(axis=0), head, head_curve)
 
 
 # Source layers are scored in at most this many compiled blocks: one block per layer would
@@ -241,7 +177,7 @@ _PAIR_BLOCKS = 4
 
 
 def _earlier_pairs(
-    score: Callable[..., Array], left: tuple[Array, Array], right: tuple[Array, Array], *, sources_in_sequence: bool = False
+    score: Callable[..., Array], left: tuple[Array, ...], right: tuple[Array, ...], *, sources_in_sequence: bool = False
 ) -> Float[Array, "layer head layer head"]:
     """score(earlier head's factors, later head's factors) at every (l1, h1, l2, h2) with l1 < l2, else NaN.
 
@@ -271,117 +207,156 @@ def _earlier_pairs(
     return out
 
 
-def _mechanistic_scores(processed: Weights) -> tuple[dict[str, Array], dict[str, Array]]:
-    spec = processed.spec
-    W_E = processed.W_E
-    per_head = jax.vmap(jax.vmap(ov_copying, in_axes=(None, 0, 0, None)), in_axes=(None, 0, 0, None))
-    ov = (processed.W_V, processed.W_O)
-    qk = (processed.W_Q, processed.W_K)
-    pairs = {
-        "q_composition": _earlier_pairs(q_composition, ov, qk),
-        "k_composition": _earlier_pairs(k_composition, ov, qk),
-        "v_composition": _earlier_pairs(v_composition, ov, ov),
-        "induction_qk_positivity": _earlier_pairs(functools.partial(induction_qk_positivity, W_E), ov, qk),
-        "induction_qk_trace": _earlier_pairs(functools.partial(induction_qk_trace, W_E), ov, qk),
-    }
-    head = {"ov_copying": per_head(W_E, processed.W_V, processed.W_O, processed.W_U)}
-    nan_heads = jnp.full((spec.n_layers, spec.n_heads), jnp.nan, W_E.dtype)
-    if spec.positional in (PositionalScheme.LEARNED, PositionalScheme.SHORTFORMER):
-        head["qk_prev_token"] = jax.vmap(jax.vmap(qk_prev_token, in_axes=(None, 0, 0)), in_axes=(None, 0, 0))(
-            processed.W_pos, processed.W_Q, processed.W_K
-        )
-    else:
-        head["qk_prev_token"] = nan_heads
-    if spec.positional == PositionalScheme.LEARNED:
-        # S is n_ctx x n_ctx per pair: one source head at a time bounds the memory.
-        pairs["pointer_arithmetic"] = _earlier_pairs(
-            functools.partial(pointer_arithmetic, processed.W_pos), ov, qk, sources_in_sequence=True
-        )
-    else:
-        pairs["pointer_arithmetic"] = jnp.full(pairs["q_composition"].shape, jnp.nan, W_E.dtype)
-    return head, pairs
+class LazyCheckpoint:
+    """One checkpoint inside the traced per-checkpoint program (`jaxinduct.scores.context.Checkpoint`).
+
+    Every intermediate is a cached property, traced when a score first reads it: a
+    selection of scores traces only the forward passes and weight products it needs,
+    and one that several scores share is traced once.
+    """
+
+    def __init__(self, weights: Weights, probes: ProbeArrays, config: ProbeConfig) -> None:
+        self.weights = weights
+        self.probes = probes
+        self.config = config
+        self._values: dict[Callable[[Checkpoint], Any], Any] = {}
+        self._ablations: dict[bool, Ablated | None] = {}
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.weights.spec
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.promote_types(self.weights.W_E.dtype, jnp.float32)  # as forward computes
+
+    def of(self, compute: Callable[[Checkpoint], T]) -> T:
+        if compute not in self._values:
+            self._values[compute] = compute(self)
+        return self._values[compute]
+
+    # --- weights ---
+
+    @functools.cached_property
+    def processed(self) -> Weights:
+        return process_weights(self.weights)
+
+    @property
+    def ov(self) -> tuple[Array, Array]:
+        return self.processed.W_V, self.processed.W_O
+
+    @property
+    def qk(self) -> tuple[Array, Array]:
+        return self.processed.W_Q, self.processed.W_K
+
+    def per_head(self, kernel: Callable[..., Array], *per_head: Array) -> Float[Array, "layer head"]:
+        return jax.vmap(jax.vmap(kernel))(*per_head)
+
+    earlier_pairs = staticmethod(_earlier_pairs)
+
+    # --- forward passes over the probes ---
+
+    @functools.cached_property
+    def repeated(self) -> ForwardOutput:
+        return _summarised_forward(self.weights, self.probes.repeated, _repeated_summary)
+
+    @functools.cached_property
+    def prefix2(self) -> Float[Array, "example layer head"]:
+        probes = self.probes
+        return _summarised_forward(self.weights, probes.prefix2, _prefix2_summary, probes.prefix2_queries).pattern_summaries
+
+    @functools.cached_property
+    def copying(self) -> Float[Array, "example layer head"]:
+        weights, tokens = self.weights, self.probes.copying
+        out = jax.vmap(lambda t: forward(weights, t, return_patterns=True, return_head_outputs=True))(tokens)
+        spec = weights.spec
+        final_w = weights.ln_final_w if weights.ln_final_w is not None else jnp.ones(spec.d_model, weights.W_U.dtype)
+        kernel = functools.partial(copying, centre=spec.norm == NormKind.LAYERNORM)
+        # Over (pattern, head_output) per head; final scale, norm weight, W_U and tokens shared.
+        return _over_heads(
+            kernel, example_axes=(0, 0, 0, None, None, 0), head_axes=(0, 0, None, None, None, None)
+        )(out.patterns, out.head_outputs, out.final_scale, final_w, weights.W_U, tokens)
+
+    @functools.cached_property
+    def random_previous_token(self) -> Float[Array, "example layer head"]:
+        return _summarised_forward(self.weights, self.probes.random, _previous_token_summary).pattern_summaries
+
+    @functools.cached_property
+    def dataset(self) -> ForwardOutput | None:
+        if self.probes.dataset is None:
+            return None
+        # Full patterns only for the pattern-preserving ablation; previous_token needs a summary.
+        weights, config = self.weights, self.config
+        return jax.vmap(
+            lambda t: forward(weights, t, return_patterns=config.ablation, reduce_patterns=jax.vmap(previous_token))
+        )(self.probes.dataset)
+
+    def ablated(self, pattern_preserving: bool) -> Ablated | None:
+        if pattern_preserving not in self._ablations:
+            self._ablations[pattern_preserving] = self._ablate(pattern_preserving)
+        return self._ablations[pattern_preserving]
+
+    def _ablate(self, pattern_preserving: bool) -> Ablated | None:
+        clean = self.dataset
+        if clean is None or not self.config.ablation:
+            return None
+        weights, dataset, config, spec = self.weights, self.probes.dataset, self.config, self.spec
+        frozen = clean.patterns if pattern_preserving else None
+        n_heads = spec.n_layers * spec.n_heads
+        masks = 1.0 - jnp.eye(n_heads, dtype=clean.logits.dtype).reshape(n_heads, spec.n_layers, spec.n_heads)
+
+        def with_head_zeroed(mask: Array) -> tuple[Array, Array]:
+            one = lambda t, f: forward(weights, t, head_mask=mask, frozen_patterns=f).logits  # noqa: E731
+            curve = mean_token_losses(jax.vmap(one)(dataset, frozen), dataset)
+            return curve, icl_of_curve(curve, config)
+
+        # One layer's heads at a time (vmapped), layers in sequence: memory of n_heads forward passes.
+        curves, icls = jax.lax.map(with_head_zeroed, masks, batch_size=spec.n_heads)
+        return Ablated(per_token_loss=curves, icl_score=icls)
 
 
-def _weighted_over_sources(pair: Array, source_weight: Float[Array, "layer head"]) -> Float[Array, "layer head"]:
-    """Per destination head: the mean of a pair score over earlier heads, weighted by source_weight."""
-    valid = ~jnp.isnan(pair) & ~jnp.isnan(source_weight)[:, :, None, None]
-    weight = jnp.where(valid, source_weight[:, :, None, None], 0.0)
-    total = weight.sum(axis=(0, 1))
-    weighted = jnp.where(valid, pair, 0.0) * weight
-    return jnp.where(total > 0, weighted.sum(axis=(0, 1)) / jnp.where(total > 0, total, 1.0), jnp.nan)
+class _GivenScores:
+    """A checkpoint known only by some of its scores: what `induction_verdicts` evaluates the verdicts on."""
+
+    def __init__(self, known: Mapping[Callable[..., Any], Array], config: ProbeConfig, dtype: Any) -> None:
+        self._known, self.config, self.dtype = dict(known), config, dtype
+
+    def of(self, compute: Callable[..., T]) -> T:
+        if compute not in self._known:
+            # A score other than a verdict must be given; the verdicts and their helpers are computed.
+            needed = [s.name for s in registry.scores() if s.compute is compute and not s.verdict]
+            if needed:
+                raise registry.UnknownScoreError(f"induction_verdicts needs the head score {needed[0]!r}, which was not given")
+            self._known[compute] = compute(self)
+        return self._known[compute]
 
 
-def induction_verdicts(head: dict[str, Array], thresholds: VerdictThresholds) -> dict[str, Array]:
-    """induction_behaviour, induction_mechanism (0/1) and whether they agree, per head [layer, head].
+def induction_verdicts(head: Mapping[str, Float[Array, "layer head"]], thresholds: VerdictThresholds) -> dict[str, Array]:
+    """The registered verdicts (induction_behaviour, induction_mechanism, induction_verdicts_agree),
+    0/1 per head [layer, head], from one checkpoint's head scores given by name.
 
     Comparisons with NaN are false: a head whose score is undefined never passes.
     """
-    behaviour = (head["prefix_matching"] > thresholds.prefix_matching) & (head["copying"] > thresholds.copying)
-    is_previous = head["previous_token"] > thresholds.previous_token  # [layer, head]
-    any_previous = jnp.any(is_previous, axis=1)  # [layer]
-    # An upstream previous-token head: one in a strictly earlier layer.
-    upstream = (jnp.cumsum(any_previous) - any_previous) > 0
-    mechanism = (
-        (head["ov_copying"] > thresholds.ov_copying)
-        & (head["induction_qk_positivity"] > thresholds.induction_qk)
-        & upstream[:, None]
-    )
-    as_float = lambda b: b.astype(head["prefix_matching"].dtype)  # noqa: E731
-    return {
-        "induction_behaviour": as_float(behaviour),
-        "induction_mechanism": as_float(mechanism),
-        "induction_verdicts_agree": as_float(behaviour == mechanism),
-    }
+    head_scores = registry.scores(Kind.HEAD)
+    known = {s.compute: head[s.name] for s in head_scores if s.name in head}
+    given = cast(Checkpoint, _GivenScores(known, ProbeConfig(thresholds=thresholds), jnp.result_type(*head.values())))
+    return {s.name: given.of(s.compute) for s in head_scores if s.verdict}
 
 
-class ProbeArrays(NamedTuple):
-    """Probes as device arrays, the traced inputs of the compiled pass."""
+def _checkpoint_scores(
+    weights: Weights, probes: ProbeArrays, config: ProbeConfig = ProbeConfig(), selection: Sequence[Score] | None = None
+) -> ScoreResults:
+    """The selected scores of one checkpoint (every registered one when None); batched by _score_checkpoints.
 
-    repeated: Int[Array, "example seq"]
-    random: Int[Array, "example seq"]
-    copying: Int[Array, "example block"]
-    prefix2: Int[Array, "example seq"]
-    prefix2_queries: Array
-    dataset: Int[Array, "example seq"] | None
-
-    @classmethod
-    def from_probes(cls, probes: Probes) -> "ProbeArrays":
-        dataset = None if probes.dataset is None else jnp.asarray(probes.dataset)
-        return cls(
-            jnp.asarray(probes.repeated),
-            jnp.asarray(probes.random),
-            jnp.asarray(probes.copying),
-            jnp.asarray(probes.prefix2),
-            jnp.asarray(probes.prefix2_queries),
-            dataset,
-        )
-
-
-def _checkpoint_scores(weights: Weights, probes: ProbeArrays, config: ProbeConfig = ProbeConfig()) -> ScoreResults:
-    """Every score of one checkpoint (written for one; batched by _score_all)."""
-    head, on_repeated = _empirical_head_scores(weights, probes)
-    model = {"induction_loss": _induction_loss(on_repeated.logits, probes.repeated, config)}
-    curve: dict[str, Array] = {}
-    head_curve: dict[str, Array] = {}
-    if probes.dataset is None:
-        on_random = _summarised_forward(weights, probes.random, _previous_token_summary)
-        head["previous_token"] = on_random.pattern_summaries.mean(axis=0)
-    else:
-        text = _dataset_scores(weights, probes.dataset, config)
-        head["previous_token"] = text.previous_token
-        model["icl_score"] = text.icl_score
-        curve["per_token_loss"] = text.per_token_loss
-        head.update(text.head)
-        head_curve.update(text.head_curve)
-    mechanistic_head, pair = _mechanistic_scores(process_weights(weights))
-    head.update(mechanistic_head)
-    # Olsson's per-head induction QK terms: pairs weighted by how previous-token-like the source is.
-    for name in ("induction_qk_positivity", "induction_qk_trace"):
-        head[name] = _weighted_over_sources(pair[name], head["previous_token"])
-    # Pointer arithmetic reads a position copied by a head that attends to earlier copies.
-    head["pointer_arithmetic"] = _weighted_over_sources(pair["pointer_arithmetic"], head["duplicate_token"])
-    head.update(induction_verdicts(head, config.thresholds))
-    return ScoreResults(head=head, pair=pair, model=model, curve=curve, head_curve=head_curve)
+    A score whose compute returns None (not defined for these probes) is left out.
+    """
+    checkpoint = LazyCheckpoint(weights, probes, config)
+    groups: dict[Kind, dict[str, Array]] = {kind: {} for kind in Kind}
+    for score in registry.scores() if selection is None else selection:
+        value = checkpoint.of(score.compute)
+        if value is not None:
+            groups[score.kind][score.name] = value
+    return ScoreResults(**{kind.value: groups[kind] for kind in Kind})
 
 
 def _score_checkpoints(
@@ -390,9 +365,10 @@ def _score_checkpoints(
     valid: Bool[Array, " ckpt"] | None,
     config: ProbeConfig,
     checkpoints_per_pass: int | None,
+    selection: tuple[Score, ...],
 ) -> ScoreResults:
     def one(w: Weights) -> ScoreResults:
-        return _checkpoint_scores(w, probes, config)
+        return _checkpoint_scores(w, probes, config, selection)
 
     if valid is not None and checkpoints_per_pass == 1:
         # One row at a time, so rows without a checkpoint can be skipped (a vmapped cond
@@ -414,139 +390,79 @@ def _where_valid(valid: Bool[Array, " ckpt"], results: ScoreResults) -> ScoreRes
     return jax.tree.map(lambda x: jnp.where(valid.reshape(-1, *(1,) * (x.ndim - 1)), x, jnp.nan), results)
 
 
-_score_all = jax.jit(_score_checkpoints, static_argnames=("config", "checkpoints_per_pass"))
+# selection is static: the program is specialised on the Score entries themselves (their
+# compute functions included), so another selection, or a score registered since, compiles anew.
+_score_all = jax.jit(_score_checkpoints, static_argnames=("config", "checkpoints_per_pass", "selection"))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass", "mesh", "axis", "manual"))
+@functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass", "selection", "parallel"))
 def _score_all_per_device(
     weights: Weights,
     probes: ProbeArrays,
     valid: Bool[Array, " ckpt"] | None,
     config: ProbeConfig,
     checkpoints_per_pass: int | None,
-    mesh: Mesh,
-    axis: str,
-    manual: frozenset[str],
+    selection: tuple[Score, ...],
+    parallel: CheckpointParallel,
 ) -> ScoreResults:
-    """_score_all with each device scoring its own checkpoints: no collective on the ckpt axis.
+    """_score_all with each device scoring its own checkpoints (`jaxinduct.parallel.per_device`)."""
 
-    Checkpoints are independent, but left to the SPMD partitioner the program is not:
-    the eigenvalue step (a LAPACK call or a host callback, neither partitionable) and a
-    chunked lax.map over a sharded axis are gathered across devices, and on jaxlib
-    0.10's CPU runtime those collectives deadlock next to the rest of the program (the
-    quickstart model on 2 CPU devices hangs; tests/test_cpu_runtime.py). shard_map makes
-    the ckpt axis manual, so each device runs the per-checkpoint program on its slice.
-    ``manual``: every mesh axis when the others have one device each (host callbacks,
-    the TPU eigenvalue path, need that), else the ckpt axis alone, the head axis staying
-    with the partitioner.
-    """
-    specs = (
-        jax.tree.map(lambda _: PartitionSpec(axis), weights),
-        jax.tree.map(lambda _: PartitionSpec(), probes),
-        PartitionSpec(axis),
-    )
-    local = functools.partial(_score_checkpoints, config=config, checkpoints_per_pass=checkpoints_per_pass)
-    per_device = jax.shard_map(
-        local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(axis), axis_names=manual, check_vma=False
-    )
-    return per_device(weights, probes, valid)
+    def local(w: Weights, v: Array | None, p: ProbeArrays) -> ScoreResults:
+        return _score_checkpoints(w, p, v, config, checkpoints_per_pass, selection)
+
+    return per_device(local, parallel, n_sharded=2, n_replicated=1)(weights, valid, probes)
 
 
-def _checkpoint_axis(weights: Weights) -> tuple[Mesh, str, frozenset[str]] | None:
-    """(mesh, ckpt axis name, manual axes) when the ckpt axis of ``weights`` is sharded
-    over several devices and each device can score its own checkpoints; else None.
-
-    Every mesh axis is manual unless another axis (head) has several devices on a GPU,
-    where the head axis stays with the partitioner (jnp.linalg.eigvals partitions by
-    gathering, which GPU collectives handle). On CPU a head axis is then replicated: each
-    device scores whole checkpoints (a CPU has no memory limit that head sharding would
-    lift). On TPU, whose eigenvalue host callback needs every axis manual, a head axis
-    leaves the program to the partitioner.
-    """
-    sharding = getattr(weights.W_E, "sharding", None)
-    if not isinstance(sharding, NamedSharding) or not sharding.spec or sharding.spec[0] is None:
-        return None
-    axis = sharding.spec[0]
-    mesh = sharding.mesh
-    if not isinstance(axis, str) or mesh.shape[axis] == 1:
-        return None
-    if all(size == 1 for name, size in mesh.shape.items() if name != axis):
-        return mesh, axis, frozenset(mesh.axis_names)
-    platform = mesh.devices.flat[0].platform
-    if platform in ("gpu", "cuda", "rocm"):
-        return mesh, axis, frozenset({axis})
-    if platform == "cpu":
-        return mesh, axis, frozenset(mesh.axis_names)
-    return None
-
-
-# Bumped whenever a definition changes what a score's number is: part of the results'
-# identity in the store (scan.probe_identity), so old and new numbers are never mixed.
-SCORES_VERSION = 1
-
-# Every name score_all can return (docs/scores.md): the public vocabulary of the store and exports.
-HEAD_SCORE_NAMES = frozenset({
-    "prefix_matching", "previous_token", "duplicate_token", "copying", "prefix2_sensitivity", "ov_copying",
-    "qk_prev_token", "induction_qk_positivity", "induction_qk_trace", "pointer_arithmetic",
-    "induction_behaviour", "induction_mechanism", "induction_verdicts_agree",
-    "ablation_icl_delta", "ablation_icl_delta_pattern_preserving",
-})  # fmt: skip
-PAIR_SCORE_NAMES = frozenset({
-    "q_composition", "k_composition", "v_composition", "induction_qk_positivity", "induction_qk_trace",
-    "pointer_arithmetic",
-})  # fmt: skip
-MODEL_SCORE_NAMES = frozenset({"induction_loss", "icl_score"})
-CURVE_NAMES = frozenset({
-    "per_token_loss", "ablation_per_token_loss_delta", "ablation_per_token_loss_delta_pattern_preserving",
-})  # fmt: skip
-PUBLIC_SCORE_NAMES = HEAD_SCORE_NAMES | PAIR_SCORE_NAMES | MODEL_SCORE_NAMES | CURVE_NAMES
-
-
-def _checkpoint_flags(
-    valid: Array | np.ndarray, n_checkpoints: int, sharded: tuple[Mesh, str, frozenset[str]] | None
-) -> Bool[Array, " ckpt"]:
-    if not isinstance(valid, jax.Array):
-        valid = np.asarray(valid, bool)
-    if valid.shape != (n_checkpoints,):
-        raise ValueError(f"valid must have shape ({n_checkpoints},), one flag per checkpoint; got shape {valid.shape}")
-    if isinstance(valid, jax.Array):
-        return valid.astype(bool)
-    if sharded is None:
-        return jnp.asarray(valid)
-    # Host flags placed like the ckpt axis: a global array, so that it works across processes too.
-    host = valid
-    return jax.make_array_from_callback(host.shape, NamedSharding(sharded[0], PartitionSpec(sharded[1])), lambda i: host[i])
+# The built-in names by kind, as frozensets (read at import: a score registered later is not
+# in them; registry.names() is always current). CURVE_NAMES holds both kinds of curve, as
+# the store keeps them together.
+HEAD_SCORE_NAMES = frozenset(registry.names(Kind.HEAD))
+PAIR_SCORE_NAMES = frozenset(registry.names(Kind.PAIR))
+MODEL_SCORE_NAMES = frozenset(registry.names(Kind.MODEL))
+CURVE_NAMES = frozenset(registry.names(Kind.CURVE) + registry.names(Kind.HEAD_CURVE))
+PUBLIC_SCORE_NAMES = frozenset(registry.names())
 
 
 def score_all(
     weights: Weights,
     probes: Probes,
     *,
+    mesh: Mesh | None = None,
     checkpoints_per_pass: int | None = None,
     valid: Bool[Array, " ckpt"] | np.ndarray | None = None,
+    scores: Sequence[str] | None = None,
 ) -> ScoreResults:
-    """Every score for every head (and head pair) of ckpt-stacked Weights, in one pass.
+    """Every registered score (or the selected ones) for every head, head pair and checkpoint
+    of ckpt-stacked Weights, in one pass.
 
-    ``weights`` carries a leading ckpt axis (`stack_weights`); it may be sharded over
-    devices along that axis (a NamedSharding), and the result is sharded the same way;
-    each device then scores its own checkpoints (`_score_all_per_device`). Compiled once per
-    (model spec, number of checkpoints, probe shapes and config, sharding,
-    checkpoints_per_pass, whether ``valid`` is given).
+    ``weights`` carries a leading ckpt axis (`stack_weights`); it may be placed on a
+    device mesh with its ckpt axis sharded (`jaxinduct.parallel.place_batch`), and the
+    result is sharded the same way: each device then scores its own checkpoints
+    (`jaxinduct.parallel.per_device`). Compiled once per (model spec, number of
+    checkpoints, probe shapes and config, mesh, checkpoints_per_pass, whether ``valid``
+    is given, selected scores).
 
+    mesh: the mesh ``weights`` are placed on; default: the mesh of their NamedSharding,
+        if they have one, else none (one program on the default device).
     checkpoints_per_pass: None vmaps all checkpoints at once (every intermediate of every
-    checkpoint is live together; best on accelerators with memory to spare); k computes
-    k at a time inside the same compiled pass, bounding memory to k checkpoints' worth.
+        checkpoint is live together; best on accelerators with memory to spare); k computes
+        k at a time inside the same compiled pass, bounding memory to k checkpoints' worth.
     valid: which rows hold a real checkpoint (a batch padded to its compiled size has
         rows that do not); every score of the others is NaN. With one checkpoint per pass
         the others are not computed at all, which is what makes a short last batch cheap.
-        Shard it like the ckpt axis of ``weights``.
+    scores: names to compute (every kind registered under each name); None: every
+        registered score. Only these are returned, and only what they read is computed
+        (ov_copying alone runs no forward pass). An unknown name raises
+        `registry.UnknownScoreError`, naming the known ones.
     """
     if checkpoints_per_pass is not None and (not isinstance(checkpoints_per_pass, int) or checkpoints_per_pass < 1):
         raise ValueError(f"checkpoints_per_pass must be a positive integer or None, got {checkpoints_per_pass}")
+    selection = registry.select(scores)
     arrays = ProbeArrays.from_probes(probes)
-    sharded = _checkpoint_axis(weights)
+    mesh = mesh_of(weights) if mesh is None else mesh
+    parallel = checkpoint_parallel(mesh)
     if valid is not None:
-        valid = _checkpoint_flags(valid, weights.W_E.shape[0], sharded)
-    if sharded is None:
-        return _score_all(weights, arrays, valid, probes.config, checkpoints_per_pass)
-    return _score_all_per_device(weights, arrays, valid, probes.config, checkpoints_per_pass, *sharded)
+        valid = place_flags(valid, weights.W_E.shape[0], mesh)
+    if parallel is None:
+        return _score_all(weights, arrays, valid, probes.config, checkpoints_per_pass, selection)
+    return _score_all_per_device(weights, arrays, valid, probes.config, checkpoints_per_pass, selection, parallel)

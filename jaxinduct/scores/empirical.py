@@ -1,9 +1,17 @@
-"""Empirical head scores: functions of one head's attention pattern on one sequence."""
+"""Empirical head scores: kernels of one head's attention pattern on one sequence, and the
+scores of one checkpoint they define (`jaxinduct.scores.registry`).
+
+The kernels are batched over heads, layers and examples inside the forward passes of
+`jaxinduct.scores.batched.LazyCheckpoint`; the per-checkpoint scores average them over the
+probe's examples.
+"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+from jaxinduct.scores.context import Checkpoint
 
 
 def _earlier_occurrences(tokens: Int[Array, " seq"]) -> Bool[Array, "seq kv_seq"]:
@@ -98,3 +106,41 @@ def copying(
     contrast = (attended - unattended) / jnp.where(valid, total, 1.0)
     n_valid = valid.sum()
     return jnp.where(n_valid > 0, jnp.sum(jnp.where(valid, contrast, 0.0)) / jnp.maximum(n_valid, 1), jnp.nan)
+
+
+# --- the scores of one checkpoint [layer, head] ------------------------------------------------
+# Means over examples are means of per-example means: equal to the mean over all queries
+# when every example has the same number of repeated tokens, as every repeated-random-token
+# probe does.
+
+
+def prefix_matching_heads(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """prefix_matching of every head on [BOS] + R x n_repeats: mean over examples of
+    mean over repeated queries q of sum_{p < q, token(p) = token(q)} A[q, p + 1]."""
+    return ck.repeated.pattern_summaries.prefix_matching.mean(axis=0)
+
+
+def duplicate_token_heads(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """duplicate_token of every head on the repeated probe: mean over examples of
+    mean over repeated queries q of sum_{p < q, token(p) = token(q)} A[q, p]."""
+    return ck.repeated.pattern_summaries.duplicate_token.mean(axis=0)
+
+
+def previous_token_heads(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """previous_token of every head: mean over examples of mean over q >= 1 of A[q, q - 1],
+    on the dataset's examples when there is a dataset, else on the random probe."""
+    per_example = ck.random_previous_token if ck.dataset is None else ck.dataset.pattern_summaries
+    return per_example.mean(axis=0)
+
+
+def copying_heads(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """copying of every head on the copying probe (R alone): mean over the examples where it
+    is defined of the per-example `copying` (NaN where no example defines it)."""
+    return jnp.nanmean(ck.copying, axis=0)
+
+
+def prefix2_sensitivity(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """prefix_matching on the repeated probe minus prefix_matching on the prefix2 probe (every
+    other token's predecessor changed), the latter over the queries whose predecessor changed:
+    about 0 for a head that matches the current token only, up to 1 for one that matches two."""
+    return ck.of(prefix_matching_heads) - ck.prefix2.mean(axis=0)

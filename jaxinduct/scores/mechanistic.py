@@ -10,17 +10,25 @@ d_vocab x d_vocab (or d_model x d_model) matrix is ever formed:
 - Frobenius norms reduce to traces of d_head x d_head Gram matrices:
   |L R|_F^2 = tr(L^T L R R^T).
 
-Run these on processed weights (`jaxinduct.model.processing.process_weights`).
+Run these on processed weights (`jaxinduct.model.processing.process_weights`). The
+kernels are of one head or one head pair; the scores of one checkpoint at the end of the
+module (`jaxinduct.scores.registry`) apply them to every head and every forward pair of
+a checkpoint's processed weights, batched by `jaxinduct.scores.batched.LazyCheckpoint`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Complex, Float
+
+from jaxinduct.model.weights import PositionalScheme
+from jaxinduct.scores.context import Checkpoint
+from jaxinduct.scores.empirical import duplicate_token_heads, previous_token_heads
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -198,3 +206,91 @@ def pointer_arithmetic(
     scores = _mm(queries, keys.T) / math.sqrt(d_head)
     rows = jnp.arange(scores.shape[0] - 1)
     return jnp.mean(_softmax_entries(scores, rows, last_key=rows + 1, read_key=rows + 1))
+
+
+def weighted_over_sources(
+    pair: Float[Array, "layer head layer head"], source_weight: Float[Array, "layer head"]
+) -> Float[Array, "layer head"]:
+    """Per destination head: the mean of a pair score over earlier heads, weighted by source_weight.
+
+    sum_{l1, h1} w[l1, h1] pair[l1, h1, l2, h2] / sum_{l1, h1} w[l1, h1] over the sources where
+    both are defined (not NaN); NaN where no source has weight (layer 0, or all weights 0).
+    """
+    valid = ~jnp.isnan(pair) & ~jnp.isnan(source_weight)[:, :, None, None]
+    weight = jnp.where(valid, source_weight[:, :, None, None], 0.0)
+    total = weight.sum(axis=(0, 1))
+    weighted = jnp.where(valid, pair, 0.0) * weight
+    return jnp.where(total > 0, weighted.sum(axis=(0, 1)) / jnp.where(total > 0, total, 1.0), jnp.nan)
+
+
+# --- the scores of one checkpoint, on its processed weights ---------------------------------------
+
+
+def ov_copying_heads(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """`ov_copying` of every head: positivity of the eigenvalues of W_E W_V W_O W_U."""
+    p = ck.processed
+    return ck.per_head(lambda W_V, W_O: ov_copying(p.W_E, W_V, W_O, p.W_U), p.W_V, p.W_O)
+
+
+def qk_prev_token_heads(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """`qk_prev_token` of every head: mean over i >= 1 of softmax_k(W_pos W_QK W_pos^T / sqrt(d_head))[i, i - 1].
+
+    NaN where positions do not reach queries and keys through W_pos (rotary, none).
+    """
+    p = ck.processed
+    if ck.spec.positional not in (PositionalScheme.LEARNED, PositionalScheme.SHORTFORMER):
+        return jnp.full((ck.spec.n_layers, ck.spec.n_heads), jnp.nan, p.W_E.dtype)
+    return ck.per_head(lambda W_Q, W_K: qk_prev_token(p.W_pos, W_Q, W_K), p.W_Q, p.W_K)
+
+
+def q_composition_pairs(ck: Checkpoint) -> Float[Array, "layer head layer head"]:
+    """`q_composition` of every forward pair: |W_OV1 W_QK2|_F / (|W_OV1|_F |W_QK2|_F)."""
+    return ck.earlier_pairs(q_composition, ck.ov, ck.qk)
+
+
+def k_composition_pairs(ck: Checkpoint) -> Float[Array, "layer head layer head"]:
+    """`k_composition` of every forward pair: |W_OV1 W_QK2^T|_F / (|W_OV1|_F |W_QK2|_F)."""
+    return ck.earlier_pairs(k_composition, ck.ov, ck.qk)
+
+
+def v_composition_pairs(ck: Checkpoint) -> Float[Array, "layer head layer head"]:
+    """`v_composition` of every forward pair: |W_OV1 W_OV2|_F / (|W_OV1|_F |W_OV2|_F)."""
+    return ck.earlier_pairs(v_composition, ck.ov, ck.ov)
+
+
+def induction_qk_positivity_pairs(ck: Checkpoint) -> Float[Array, "layer head layer head"]:
+    """`induction_qk_positivity` of every forward pair: positivity of the eigenvalues of W_E W_QK2 (W_E W_OV1)^T."""
+    return ck.earlier_pairs(functools.partial(induction_qk_positivity, ck.processed.W_E), ck.ov, ck.qk)
+
+
+def induction_qk_trace_pairs(ck: Checkpoint) -> Float[Array, "layer head layer head"]:
+    """`induction_qk_trace` of every forward pair: tr(W_E W_QK2 (W_E W_OV1)^T)."""
+    return ck.earlier_pairs(functools.partial(induction_qk_trace, ck.processed.W_E), ck.ov, ck.qk)
+
+
+def pointer_arithmetic_pairs(ck: Checkpoint) -> Float[Array, "layer head layer head"]:
+    """`pointer_arithmetic` of every forward pair: mean over j of softmax_{k <= j + 1}(S[j])[j + 1],
+    S = W_pos W_OV1 W_QK2 W_pos^T / sqrt(d_head). NaN unless positions are learned."""
+    p = ck.processed
+    if ck.spec.positional != PositionalScheme.LEARNED:
+        n_layers, n_heads = ck.spec.n_layers, ck.spec.n_heads
+        return jnp.full((n_layers, n_heads, n_layers, n_heads), jnp.nan, p.W_E.dtype)
+    # S is n_ctx x n_ctx per pair: one source head at a time bounds the memory.
+    return ck.earlier_pairs(functools.partial(pointer_arithmetic, p.W_pos), ck.ov, ck.qk, sources_in_sequence=True)
+
+
+def induction_qk_positivity_heads(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """Per destination head: induction_qk_positivity of the pairs into it, `weighted_over_sources`
+    by the source's previous_token (Olsson: the K-composition term needs a previous-token head)."""
+    return weighted_over_sources(ck.of(induction_qk_positivity_pairs), ck.of(previous_token_heads))
+
+
+def induction_qk_trace_heads(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """Per destination head: induction_qk_trace of the pairs into it, weighted by the source's previous_token."""
+    return weighted_over_sources(ck.of(induction_qk_trace_pairs), ck.of(previous_token_heads))
+
+
+def pointer_arithmetic_heads(ck: Checkpoint) -> Float[Array, "layer head"]:
+    """Per destination head: pointer_arithmetic of the pairs into it, weighted by the source's
+    duplicate_token (pointer arithmetic reads a position copied by a head that attends to earlier copies)."""
+    return weighted_over_sources(ck.of(pointer_arithmetic_pairs), ck.of(duplicate_token_heads))

@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from typing import Annotated
 
 import numpy as np
+import tyro
 from jaxtyping import Bool, Int
 
 from jaxinduct.errors import SpecError
@@ -65,10 +67,11 @@ class VerdictThresholds:
 class ProbeConfig:
     """Everything that determines a scan's probes and score options; its hash identifies results."""
 
-    n_examples: int = 32
-    block_len: int = 25
-    n_repeats: int = 4
-    seed: int = 0
+    # The command line also takes the shorter --examples and --repeats.
+    n_examples: Annotated[int, tyro.conf.arg(aliases=("--examples",))] = 32  # sequences per probe
+    block_len: int = 25  # length of the random block R of the repeated probes
+    n_repeats: Annotated[int, tyro.conf.arg(aliases=("--repeats",))] = 4  # repeats of R: [BOS] + R x n_repeats
+    seed: int = 0  # seed of every probe's random tokens
     # Token pool: an explicit [low, high) id range, or None for the default: the dataset's
     # tokens minus the most and least frequent when a dataset is given, else every id but BOS.
     token_range: tuple[int, int] | None = None

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxinduct import __version__
@@ -36,17 +35,18 @@ from jaxinduct.model.nnx import Transformer, nnx_params_to_weights
 from jaxinduct.scores.probes import default_token_pool, repeated_random_tokens
 from jaxinduct.scores.batched import head_prefix_matching
 from jaxinduct.checkpoints.layout import (
-    LOCK_FILE,
-    META,
-    OPT_STATE,
-    PARAMS,
     RUN_FILE,
     Layout,
+    RunRecord,
+    StepMeta,
     committed_steps,
+    foreign_entries,
     read_run_file,
-    write_json_atomic,
+    restore_training_state,
+    save_step,
+    write_run_file,
     writer_lock,
-    writer_options,
+    writer_manager,
 )
 from jaxinduct.model.weights import ModelSpec
 
@@ -265,11 +265,10 @@ def _check_out_dir(out: Path, config: TrainConfig) -> None:
     if run_file is not None:
         _refuse_other_run(out, run_file, config, committed_steps(out))
     elif out.exists():
-        ours = {RUN_FILE, LOCK_FILE}
-        others = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(f".{RUN_FILE}.")]
+        others = foreign_entries(out)
         if others:
             raise RunDirError(
-                f"--out {out} is not empty and holds no jaxinduct run ({RUN_FILE} missing; found {sorted(others)[:3]}); "
+                f"--out {out} is not empty and holds no jaxinduct run ({RUN_FILE} missing; found {others[:3]}); "
                 "choose a new or empty directory"
             )
 
@@ -277,34 +276,32 @@ def _check_out_dir(out: Path, config: TrainConfig) -> None:
 def _claim_out_dir(out: Path, config: TrainConfig, schedule: list[int], committed: list[int]) -> bool:
     """Record this run in --out (under the writer lock). True when a run of this config is there."""
     run_file = read_run_file(out)
-    if run_file is not None and run_file.get("config_hash") == config.config_hash():
+    if run_file is not None and run_file.config_hash == config.config_hash():
         return True
     if run_file is not None:
         _refuse_other_run(out, run_file, config, committed)  # checked again: another writer may have been first
     # New, or a run that crashed before committing any step: nothing to lose by (re)claiming it.
-    write_json_atomic(
-        out / RUN_FILE,
-        {
-            "format": Layout.NNX.value,
-            "jaxinduct_version": __version__,
-            "config": config.to_dict(),
-            "config_hash": config.config_hash(),
-            "checkpoint_steps": schedule,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
+    record = RunRecord(
+        format=Layout.NNX.value,
+        jaxinduct_version=__version__,
+        config=config.to_dict(),
+        config_hash=config.config_hash(),
+        checkpoint_steps=tuple(schedule),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
+    write_run_file(out, record)
     return False
 
 
-def _refuse_other_run(out: Path, run_file: dict[str, Any], config: TrainConfig, committed: list[int]) -> None:
+def _refuse_other_run(out: Path, run_file: RunRecord, config: TrainConfig, committed: list[int]) -> None:
     """A directory with committed steps of another config is never touched."""
-    if run_file.get("config_hash") != config.config_hash() and committed:
-        theirs = run_file.get("config", {})
+    if run_file.config_hash != config.config_hash() and committed:
+        theirs = run_file.config
         ours = config.to_dict()
         differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise RunDirError(
             f"--out {out} already holds a different run (preset {theirs.get('preset')!r}, "
-            f"config hash {run_file.get('config_hash')}; differs in {differing}). "
+            f"config hash {run_file.config_hash}; differs in {differing}). "
             "Choose another --out, or delete that directory to replace it."
         )
 
@@ -337,28 +334,15 @@ def train(config: TrainConfig, out: str | Path, *, progress: bool = True, monito
         return np.asarray(head_prefix_matching(nnx_params_to_weights(spec, params), monitor_tokens))
 
     out.mkdir(parents=True, exist_ok=True)
-    with (
-        writer_lock(out),
-        ocp.CheckpointManager(out, options=writer_options(), item_names=(PARAMS, OPT_STATE, META)) as manager,
-    ):
+    with writer_lock(out), writer_manager(out, with_opt_state=True) as manager:
         committed = sorted(manager.all_steps())
         resuming = _claim_out_dir(out, config, schedule, committed)
         start = committed[-1] if resuming and committed else 0
         resumed_from = start if resuming and committed else None
+        last_loss: float | None = None
         if resumed_from is not None:
-            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, (params, opt_state))
-            restored = manager.restore(
-                start,
-                args=ocp.args.Composite(
-                    **{
-                        PARAMS: ocp.args.StandardRestore(abstract[0]),
-                        OPT_STATE: ocp.args.StandardRestore(abstract[1]),
-                        META: ocp.args.JsonRestore(),
-                    }
-                ),
-            )
-            params, opt_state = restored[PARAMS], restored[OPT_STATE]
-        last_loss: float | None = restored[META]["loss"] if resumed_from is not None else None
+            params, opt_state, meta = restore_training_state(manager, start, params, opt_state)
+            last_loss = meta.loss
 
         bar = _Progress(config.steps, start, enabled=progress and start < config.steps)
         losses: list[jax.Array] = []
@@ -369,24 +353,15 @@ def train(config: TrainConfig, out: str | Path, *, progress: bool = True, monito
             mean_loss = float(np.mean(losses)) if losses else None
             losses.clear()
             last_loss = mean_loss if mean_loss is not None else last_loss
-            meta = {
-                "step": step,
-                "tokens_seen": step * config.batch_size * spec.n_ctx,
-                "loss": mean_loss,  # mean training loss over the steps since the previous save
-                "spec": spec.to_dict(),
-                "layout": Layout.NNX.value,
-                "config_hash": config.config_hash(),
-            }
-            manager.save(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        PARAMS: ocp.args.StandardSave(params),
-                        OPT_STATE: ocp.args.StandardSave(opt_state),
-                        META: ocp.args.JsonSave(meta),
-                    }
-                ),
+            meta = StepMeta(
+                step=step,
+                spec=spec,
+                layout=Layout.NNX,  # params are nnx.to_pure_dict of the model's state
+                tokens_seen=step * config.batch_size * spec.n_ctx,
+                loss=mean_loss,  # mean training loss over the steps since the previous save
+                config_hash=config.config_hash(),
             )
+            save_step(manager, meta, params, opt_state)
             prefix_matching = monitor(params)
             bar.checkpoint(mean_loss, prefix_matching)
 

@@ -1,0 +1,78 @@
+"""The batcher: K checkpoints at a time, restored by a thread pool while the previous batch computes.
+
+Restores run on host threads into host (numpy) weights; a batch's restores are started as
+soon as the previous batch's have been taken, so reading the next checkpoints overlaps
+scoring the current ones. One unreadable checkpoint is a failed row, never the end of a
+scan. Under ``jax.distributed`` a process restores only the rows of each batch that live on
+its own devices (`jaxinduct.parallel.local_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from jax.sharding import Mesh
+
+from jaxinduct import parallel
+from jaxinduct.checkpoints.source import CheckpointSource, LoadedCheckpoint
+from jaxinduct.errors import JaxInductError
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """One row's restore: the checkpoint, or the error that stopped it."""
+
+    checkpoint: LoadedCheckpoint | None
+    error: str | None
+    seconds: float
+
+
+def restore(source: CheckpointSource, step: int) -> Restored:
+    start = time.perf_counter()
+    try:
+        return Restored(source.load(step), None, time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001 - one unreadable checkpoint must not end the scan
+        return Restored(None, f"{type(e).__name__}: {e}", time.perf_counter() - start)
+
+
+def batches(steps: Sequence[int], size: int) -> list[list[int]]:
+    """``steps`` in consecutive batches of ``size`` (the last may be short)."""
+    return [list(steps[start : start + size]) for start in range(0, len(steps), size)]
+
+
+def resolve_load_workers(load_workers: int | None, mesh: Mesh) -> int:
+    """Restore threads: the given number, or 4; on the CPU backend half the cores (at most 4),
+    since there the same cores also compute the scores and more restore threads only slow
+    both down (measured on 2 cores: 1 thread 2.0 s, 4 threads 2.3 s per 50 checkpoints)."""
+    if load_workers is None:
+        if parallel.platform(mesh) == "cpu":
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+            return min(4, max(1, cores // 2))
+        return 4
+    if not isinstance(load_workers, int) or isinstance(load_workers, bool) or load_workers < 1:
+        raise JaxInductError(f"--load-workers must be a positive integer, got {load_workers!r}")
+    return load_workers
+
+
+def prefetched(
+    source: CheckpointSource, steps_by_batch: Sequence[list[int]], rows: Sequence[int], workers: int
+) -> Iterator[tuple[list[int], dict[int, Restored]]]:
+    """Each batch's steps with this process's restored rows (row -> Restored), in order.
+
+    ``rows``: the rows of a batch this process restores; a short last batch leaves some
+    empty. The next batch's restores start before this batch is handed over.
+    """
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="restore") as pool:
+
+        def submit(steps: list[int]) -> dict[int, Future[Restored]]:
+            return {r: pool.submit(restore, source, steps[r]) for r in rows if r < len(steps)}
+
+        pending = submit(steps_by_batch[0]) if steps_by_batch else {}
+        for index, steps in enumerate(steps_by_batch):
+            restored = {r: future.result() for r, future in pending.items()}
+            pending = submit(steps_by_batch[index + 1]) if index + 1 < len(steps_by_batch) else {}
+            yield steps, restored
