@@ -3,6 +3,8 @@ a config file, a scan run from a YAML config, `jaxinduct scores`, clear errors f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -11,7 +13,7 @@ from jaxinduct.engine.scan import ScanConfig
 from jaxinduct.parallel import MeshConfig
 from jaxinduct.results.store import ResultStore
 from jaxinduct.scores import registry
-from tests.test_scan import PROBE_ARGS, assert_same_stores, trajectory, write_trajectory  # noqa: F401 - fixture
+from tests.test_scan import PROBE_ARGS, assert_same_stores, trajectory  # noqa: F401 - a fixture
 
 # The fewest arguments each command needs to resolve a config.
 MINIMAL_ARGS = {
@@ -77,7 +79,7 @@ def test_a_config_file_may_leave_out_what_the_command_line_gives(tmp_path, capsy
     assert (printed["source"], printed["store"], printed["batch"]) == ("src", "s.sqlite", 4)
 
 
-def test_scan_from_a_config_file_equals_the_same_scan_from_flags(trajectory, tmp_path):  # noqa: F811
+def test_scan_from_a_config_file_equals_the_same_scan_from_flags(trajectory, tmp_path):  # noqa: F811 - the fixture
     by_flags = tmp_path / "flags.sqlite"
     assert main(["scan", str(trajectory), "--store", str(by_flags), "--steps", "0:20", "--no-progress", *PROBE_ARGS]) == 0
     by_file = tmp_path / "file.sqlite"
@@ -140,3 +142,14 @@ def test_scan_config_takes_the_command_line_spellings_from_python():
     assert config.scores == ("prefix_matching", "copying")
     assert config.per_pass == "all"
     assert ScanConfig(source="s", store="t").mesh == MeshConfig()
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "docs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_resolves(path, capsys):
+    command = "scan"  # every shipped config is a scan config (tpu_configs/ will add theirs here)
+    resolved = yaml.safe_load(printed_config(capsys, [command, "--config", str(path)]))
+    written = yaml.safe_load(path.read_text())
+    assert {k: resolved[k] for k in ("source", "store", "steps")} == {k: written[k] for k in ("source", "store", "steps")}

@@ -5,30 +5,29 @@ Data flow (docs/DESIGN: discovery -> adapter -> batcher -> placement -> kernels 
 1. discovery: the source's committed steps, the ``--steps`` selection, minus the steps
    the store already holds for this (run, probe hash): a rescan or a resumed scan only
    computes what is missing;
-2. batcher: K checkpoints per batch, restored by a thread pool while the previous batch
-   computes, stacked on the host on a leading ckpt axis and padded to K (always K, so
-   that the kernels compile once per (model shape, K, mesh)); a validity mask marks the
-   real rows;
-3. placement: a Mesh with axes (ckpt, head); every leaf sharded along ckpt and, for the
-   per-head leaves, along head;
-4. kernels: `score_all` (one jit + vmap);
+2. batcher (`jaxinduct.engine.loader`): K checkpoints per batch, restored by a thread
+   pool while the previous batch computes, padded to K (always K, so that the kernels
+   compile once per (model shape, K, mesh)); a validity mask marks the real rows;
+3. placement (`jaxinduct.parallel`): stacked on a leading ckpt axis and placed on the
+   (ckpt, head) mesh, each leaf sharded as its logical axes say;
+4. kernels: `score_all` (one jit + vmap), computing only the selected scores;
 5. store: one transaction per batch (process 0 only); after the last, the run's phase
    change is detected again from everything stored (`jaxinduct.results.phase`).
 
 Under ``jax.distributed`` (several processes, one per host), each process restores only
 the rows of a batch that live on its own devices, the global batch is assembled from
-process-local data (`jax.make_array_from_process_local_data`), results are gathered,
-and process 0 alone opens and writes the store.
+process-local data and the results gathered (`jaxinduct.parallel`), and process 0 alone
+opens and writes the store. `ScanConfig` is both this engine's input and the `jaxinduct
+scan` command's config (`jaxinduct.cli`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,18 +37,18 @@ import tyro
 from jax.sharding import Mesh
 
 from jaxinduct import parallel
+from jaxinduct.checkpoints import CheckpointSource, open_source, select_steps
 from jaxinduct.engine.loader import batches, prefetched, resolve_load_workers
 from jaxinduct.errors import JaxInductError
 from jaxinduct.flags import NO_PREFIX, CommaSeparated, MeshFlag, PerPass, SourcePath
+from jaxinduct.model.weights import ModelSpec, zero_weights
 from jaxinduct.parallel import MeshConfig, broadcast_steps
 from jaxinduct.results.identity import identity_record
 from jaxinduct.results.phase import update_phase_change
-from jaxinduct.scores.probes import ProbeConfig, Probes, make_probes
+from jaxinduct.results.store import CheckpointScores, ResultStore
 from jaxinduct.scores import registry
 from jaxinduct.scores.batched import ScoreResults, score_all
-from jaxinduct.checkpoints import CheckpointSource, LoadedCheckpoint, open_source, select_steps
-from jaxinduct.results.store import CheckpointScores, ResultStore
-from jaxinduct.model.weights import ModelSpec, zero_weights
+from jaxinduct.scores.probes import ProbeConfig, Probes, make_probes
 
 DEFAULT_BATCH = 8
 
