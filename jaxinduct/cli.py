@@ -16,127 +16,33 @@ types, which stay plain dataclasses that the Python API uses directly. draccus (
 ties the config file to its own flag and flattens nothing; jsonargparse spells nested flags
 with underscores and needs its own parser objects around every command.
 
-Commands import their modules only when they run, so `show` and `export` start without
-loading JAX.
+Commands import their modules only when they run: `--help`, `--print-config` and
+`export` start without loading JAX; `show`, `report` and `scores` load it with the score
+registry (whose scores are JAX functions) when they present scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
+import inspect
 import os
+import re
 import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import tyro
 import yaml
 
 from jaxinduct import __version__
 from jaxinduct.errors import ConfigError, JaxInductError
-from jaxinduct.flags import SourcePath
 
-# --- the configs of the commands whose Python API takes plain arguments -----------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainCommandConfig:
-    """Train a small reference model on built-in data (or a text corpus) and save checkpoints
-    dense early and sparse late. Re-running with the same options resumes."""
-
-    out: str | None = None
-    """trajectory directory (new, empty, or a run of the same config to resume)"""
-    preset: str = "quickstart"
-    """model + data preset (see --list-presets)"""
-    corpus: str | None = None
-    """train byte-level on this text file or folder instead of generated data"""
-    steps: int | None = None
-    """optimizer steps (default: the preset's)"""
-    seed: int | None = None
-    """seed for init and data (default: the preset's)"""
-    batch_size: int | None = None
-    """sequences per optimizer step (default: the preset's)"""
-    learning_rate: float | None = None
-    """peak learning rate (default: the preset's)"""
-    progress: bool = True
-    """show progress"""
-    list_presets: bool = False
-    """list presets and exit"""
-
-
-@dataclasses.dataclass(frozen=True)
-class ShowConfig:
-    """Print the top heads and model scores of a store."""
-
-    store: str
-    """results store (SQLite file)"""
-    run: str | None = None
-    """run name (default: every run in the store)"""
-    metric: str = "prefix_matching"
-    """head score to rank by (`jaxinduct scores` lists them)"""
-    step: int | None = None
-    """checkpoint step (default: the last scanned)"""
-    top: int = 10
-    """how many heads"""
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportConfig:
-    """Figures of each run (phase change, head maps, copying vs prefix matching,
-    K-composition, per-token loss, ablations, verdicts) and OUT/index.html embedding them.
-    Reads the store only; the page needs no network."""
-
-    store: str
-    """results store (SQLite file)"""
-    out: str
-    """output directory (created; its report files are replaced)"""
-    run: str | None = None
-    """only this run (default: every run in the store)"""
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportConfig:
-    """Write a store's scores as CSV or Parquet."""
-
-    store: str
-    """results store (SQLite file)"""
-    table: Literal["heads", "pairs", "model"]
-    """which scores"""
-    format: Literal["csv", "parquet"]
-    """file format"""
-    out: str
-    """output file"""
-    run: str | None = None
-    """only this run (default: all)"""
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvertHFConfig:
-    """Write each selected Hugging Face revision (config.json + safetensors) as one Orbax step
-    in jaxinduct's canonical layout. Resumable."""
-
-    source: SourcePath
-    """Hugging Face revisions (stepN, checkpoint-N, revision-*) or one model directory"""
-    out: str
-    """Orbax trajectory directory to write"""
-    steps: str = "all"
-    """which revisions: all | latest | N | A:B | A:B:S | every:N, comma-separated"""
-
-
-@dataclasses.dataclass(frozen=True)
-class QuickstartConfig:
-    """The built-in default job: trains the quickstart preset into OUT/trajectory (about 3
-    minutes on 2 CPU cores), scans every checkpoint into OUT/results.sqlite, shows the heads
-    that became induction heads and writes a report (OUT/report/index.html). Re-running
-    resumes training and scanning."""
-
-    out: str = "runs/quickstart"
-    """output directory"""
-    progress: bool = True
-    """show progress"""
+# --- the commands ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +51,9 @@ class ScoresConfig:
     (docs/scores.md defines each)."""
 
 
-# --- the commands ---------------------------------------------------------------------------
 
-
-def _train(config: TrainCommandConfig) -> int:
-    from jaxinduct.train.trainer import PRESETS, get_preset, train
+def _train(config: Any) -> int:
+    from jaxinduct.train.trainer import PRESETS, train
 
     if config.list_presets:
         for name, preset in PRESETS.items():
@@ -160,19 +64,10 @@ def _train(config: TrainCommandConfig) -> int:
         return 0
     if config.out is None:
         raise JaxInductError("train needs --out DIR (where the Orbax trajectory is written)")
-    preset = get_preset(config.preset)
-    overrides = {
-        "steps": config.steps,
-        "seed": config.seed,
-        "batch_size": config.batch_size,
-        "learning_rate": config.learning_rate,
-    }
-    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
-    if config.corpus is not None:
-        preset = dataclasses.replace(preset, data=dataclasses.replace(preset.data, kind="bytes", corpus=config.corpus))
-    result = train(preset, config.out, progress=config.progress)
+    settings = config.resolved()
+    result = train(settings, config.out, progress=config.progress)
     print(f"trajectory: {result.out}")
-    if result.resumed_from == preset.steps:
+    if result.resumed_from == settings.steps:
         print("the run was already complete; nothing was trained")
     elif result.resumed_from is not None:
         print(f"resumed after committed step {result.resumed_from}")
@@ -206,7 +101,7 @@ def _watch(config: Any) -> int:
     return 1 if summary.failed else 0
 
 
-def _show(config: ShowConfig) -> int:
+def _show(config: Any) -> int:
     from jaxinduct.report.show import render_show
     from jaxinduct.results.store import ResultStore
 
@@ -215,7 +110,7 @@ def _show(config: ShowConfig) -> int:
     return 0
 
 
-def _report(config: ReportConfig) -> int:
+def _report(config: Any) -> int:
     from jaxinduct.report.page import write_report
     from jaxinduct.results.store import ResultStore
 
@@ -225,7 +120,7 @@ def _report(config: ReportConfig) -> int:
     return 0
 
 
-def _export(config: ExportConfig) -> int:
+def _export(config: Any) -> int:
     from jaxinduct.results.export import export
     from jaxinduct.results.store import ResultStore
 
@@ -235,7 +130,7 @@ def _export(config: ExportConfig) -> int:
     return 0
 
 
-def _convert_hf(config: ConvertHFConfig) -> int:
+def _convert_hf(config: Any) -> int:
     from jaxinduct.checkpoints.convert import convert_hf
 
     written = convert_hf(config.source, config.out, steps=config.steps)
@@ -244,7 +139,7 @@ def _convert_hf(config: ConvertHFConfig) -> int:
     return 0
 
 
-def _quickstart(config: QuickstartConfig) -> int:
+def _quickstart(config: Any) -> int:
     from jaxinduct.quickstart import quickstart
 
     return quickstart(config.out, progress=config.progress)
@@ -253,43 +148,64 @@ def _quickstart(config: QuickstartConfig) -> int:
 def _scores(config: ScoresConfig) -> int:
     from jaxinduct.scores.registry import describe_scores
 
-    print(describe_scores())
+    print(describe_scores(), end="")
     return 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One `jaxinduct` command: what it does (one line), its config type and its main."""
+    """One `jaxinduct` command: what it does (one line), its config type and its main.
+
+    config: imports and returns the config class when the command runs (so that `--help`
+    and the store's readers start without JAX). seed: imports and returns a function of
+    the command's arguments and YAML config that gives the config the command line starts
+    from (train: the named preset's values); None: the config class's own defaults.
+    """
 
     help: str
-    config: Callable[[], type]  # the config class, imported when the command runs
+    config: Callable[[], type]
     main: Callable[[Any], int]
+    seed: Callable[[], Callable[[Sequence[str], dict[str, Any] | None], Any]] | None = None
 
 
-def _scan_config() -> type:
-    from jaxinduct.engine.scan import ScanConfig
-
-    return ScanConfig
-
-
-def _watch_config() -> type:
-    from jaxinduct.engine.watch import WatchConfig
-
-    return WatchConfig
+def _lazy(module: str, name: str) -> Callable[[], Any]:
+    """A loader of ``module.name``: a command's modules are imported only when it runs."""
+    return lambda: getattr(importlib.import_module(module), name)
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("train a reference model and save an Orbax trajectory", lambda: TrainCommandConfig, _train),
-    "scan": Command("score every head of every checkpoint of a trajectory into a store", _scan_config, _scan),
-    "watch": Command("scan checkpoints of a run that is still training, as they are saved", _watch_config, _watch),
-    "show": Command("print the top heads and model scores of a store", lambda: ShowConfig, _show),
-    "report": Command("draw a store's runs as figures (PNG) and an HTML page", lambda: ReportConfig, _report),
-    "export": Command("write a store's scores as CSV or Parquet", lambda: ExportConfig, _export),
-    "convert hf": Command("convert Hugging Face revisions into an Orbax trajectory", lambda: ConvertHFConfig, _convert_hf),
+    "train": Command(
+        "train a reference model and save an Orbax trajectory",
+        _lazy("jaxinduct.train.command", "TrainCommandConfig"),
+        _train,
+        _lazy("jaxinduct.train.command", "seeded"),
+    ),
+    "scan": Command(
+        "score every head of every checkpoint of a trajectory into a store",
+        _lazy("jaxinduct.engine.scan", "ScanConfig"),
+        _scan,
+    ),
+    "watch": Command(
+        "scan checkpoints of a run that is still training, as they are saved",
+        _lazy("jaxinduct.engine.watch", "WatchConfig"),
+        _watch,
+    ),
+    "show": Command("print the top heads and model scores of a store", _lazy("jaxinduct.report.show", "ShowConfig"), _show),
+    "report": Command(
+        "draw a store's runs as figures (PNG) and an HTML page", _lazy("jaxinduct.report.page", "ReportConfig"), _report
+    ),
+    "export": Command(
+        "write a store's scores as CSV or Parquet", _lazy("jaxinduct.results.export", "ExportConfig"), _export
+    ),
+    "convert hf": Command(
+        "convert Hugging Face revisions into an Orbax trajectory",
+        _lazy("jaxinduct.checkpoints.convert", "ConvertHFConfig"),
+        _convert_hf,
+    ),
     "scores": Command("list every score, its kind and what it measures", lambda: ScoresConfig, _scores),
     "quickstart": Command(
         "train the quickstart model, scan its trajectory, show the induction heads, write a report",
-        lambda: QuickstartConfig,
+        _lazy("jaxinduct.quickstart", "QuickstartConfig"),
         _quickstart,
     ),
 }
@@ -305,38 +221,65 @@ def _strip(tp: Any) -> Any:
     return tp
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """A YAML value as the field type ``tp`` expects (nested configs, tuples, enums, parsed forms)."""
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, where: str, base: Any = dataclasses.MISSING) -> Any:
+    """A YAML value as the field type ``tp`` holds: nested configs (over ``base``, the value
+    they replace), tuples, enums, one-word forms (mesh, steps) and checked primitives."""
     tp = _strip(tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [_strip(a) for a in typing.get_args(tp)]
         if value is None and type(None) in options:
             return None
-        for option in options:
-            if dataclasses.is_dataclass(option) and isinstance(value, dict) or typing.get_origin(option) is tuple:
-                return _coerce(option, value, where)
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, where, base)
+            except ConfigError as e:
+                errors.append(str(e).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: {' / '.join(errors)}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, str) and hasattr(tp, "parse"):  # a one-word form, as on the command line
-            return tp.parse(value)
+        if hasattr(tp, "parse") and isinstance(value, str | int | float) and not isinstance(value, bool):
+            try:  # a one-word form, as on the command line (a bare number is a word too: steps: 100)
+                return tp.parse(str(value))
+            except JaxInductError as e:
+                raise ConfigError(f"{where}: {e}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return config_from_mapping(tp, value, where)
-    if origin is tuple and isinstance(value, list):
+        return config_from_mapping(tp, value, where, base)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(tp)
-        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-        return tuple(value if item is None else (_coerce(item, v, where) for v in value))
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(items) != len(value):
+            raise ConfigError(f"{where}: expected a list of {len(items)}, got {value!r}")
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, (item, v) in enumerate(zip(items, value)))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(value)
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected one of {[m.value for m in tp]}, got {value!r}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     return value
 
 
-def config_from_mapping(cls: type, data: dict[str, Any], where: str) -> Any:
+def config_from_mapping(cls: type, data: dict[str, Any], where: str, base: Any = dataclasses.MISSING) -> Any:
     """An instance of the config dataclass ``cls`` from a (YAML) mapping.
 
-    Fields the mapping leaves out keep their defaults; a required field left out is
-    tyro.MISSING, which the command line must then supply.
+    Fields the mapping leaves out keep their value in ``base`` (a ``cls`` instance), else
+    their defaults; a required field left out is tyro.MISSING, which the command line must
+    then supply.
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -345,35 +288,70 @@ def config_from_mapping(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     values: dict[str, Any] = {}
     for name, field in fields.items():
+        inherited = getattr(base, name) if base is not dataclasses.MISSING else dataclasses.MISSING
         if name in data:
-            values[name] = _coerce(hints[name], data[name], f"{where}.{name}")
+            values[name] = _coerce(hints[name], data[name], f"{where}.{name}", inherited)
+        elif inherited is not dataclasses.MISSING:
+            values[name] = inherited
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             values[name] = tyro.MISSING
     try:
         return cls(**values)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, JaxInductError) as e:
         raise ConfigError(f"{where}: {e}") from e
 
 
-def load_config(cls: type, path: str | os.PathLike) -> Any:
-    """The config of ``cls`` that a YAML file describes (see `config_from_mapping`)."""
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as a config means it: no base-60 numbers (YAML 1.1 reads ``steps: 10:20`` as 620)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"), list("-+0123456789")
+)
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?"  # 1.5, 3.0e-4
+        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"  # 1e-5
+        r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"  # .5
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file."""
     file = Path(path).expanduser()
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_ConfigLoader)  # noqa: S506 - a safe loader
     except OSError as e:
         raise ConfigError(f"--config {file}: cannot read it ({e.strerror})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {file}: not valid YAML ({str(e).splitlines()[0]})") from e
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"--config {file}: not valid YAML{line} ({str(e).splitlines()[0]})") from e
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {file}: expected a mapping of config fields at the top level")
-    return config_from_mapping(cls, data, str(file))
+    return data
+
+
+def load_config(cls: type, path: str | os.PathLike, base: Any = dataclasses.MISSING) -> Any:
+    """The config of ``cls`` that a YAML file describes, over ``base`` (see `config_from_mapping`)."""
+    return config_from_mapping(cls, read_config_file(path), str(Path(path).expanduser()), base)
 
 
 def config_to_plain(value: Any) -> Any:
     """A config as plain YAML-able data (mappings, lists, strings, numbers)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if hasattr(type(value), "parse"):  # a value with a one-word form (mesh, steps): written as on the command line
+            return str(value)
         return {f.name: config_to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
@@ -432,8 +410,13 @@ _COMMON_HELP = (
 def _parse_config(name: str, command: Command, args: list[str]) -> tuple[Any, bool]:
     cls = command.config()
     args, config_file, print_config = _pop_config_options(args)
-    default = load_config(cls, config_file) if config_file is not None else None
-    description = f"{(cls.__doc__ or command.help).strip()}\n\n{_COMMON_HELP}"
+    data = read_config_file(config_file) if config_file is not None else None
+    base = command.seed()(args, data) if command.seed is not None else dataclasses.MISSING
+    if data is not None:
+        default = config_from_mapping(cls, data, str(config_file), base)
+    else:
+        default = None if base is dataclasses.MISSING else base
+    description = f"{inspect.cleandoc(cls.__doc__ or command.help)}\n\n{_COMMON_HELP}"
     return tyro.cli(cls, args=args, prog=f"jaxinduct {name}", description=description, default=default), print_config
 
 

@@ -65,7 +65,7 @@ def test_flags_override_the_config_file(tmp_path, capsys):
     printed = yaml.safe_load(printed_config(capsys, ["scan", "--config", str(config_file), "--batch", "8", "--repeats", "3"]))
     assert printed["source"] == "/data/run" and printed["store"] == "out.sqlite"
     assert printed["batch"] == 8  # the flag wins
-    assert printed["mesh"] == {"ckpt": 4, "head": 2}
+    assert printed["mesh"] == "ckpt=4,head=2"
     assert printed["scores"] == ["prefix_matching", "copying"]
     assert printed["probe"]["n_examples"] == 2 and printed["probe"]["n_repeats"] == 3
     assert printed["probe"]["thresholds"]["copying"] == 0.25
@@ -94,24 +94,11 @@ def test_scan_from_a_config_file_equals_the_same_scan_from_flags(trajectory, tmp
         assert sorted(store.done_steps("run-a", store.latest_probe_hash("run-a"))) == [0, 10, 20]
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("source: a\nstore: b\nbatchh: 4\n", "unknown keys ['batchh']"),
-        ("- a\n- b\n", "expected a mapping"),
-        ("source: [unclosed\n", "not valid YAML"),
-        ("source: a\nstore: b\nmesh: ckpt=x\n", "--mesh"),
-        ("source: a\nstore: b\nprobe: {n_examples: 0}\n", "n_examples must be a positive integer"),
-    ],
-)
-def test_bad_config_files_are_clear_errors(text, message, tmp_path, capsys):
-    config_file = tmp_path / "bad.yaml"
-    config_file.write_text(text)
+def test_a_config_file_that_is_not_a_mapping_or_missing_is_a_clear_error(tmp_path, capsys):
+    config_file = tmp_path / "list.yaml"
+    config_file.write_text("- a\n- b\n")
     assert main(["scan", "--config", str(config_file), "--print-config"]) == 2
-    assert message in capsys.readouterr().err
-
-
-def test_missing_config_file_is_a_clear_error(tmp_path, capsys):
+    assert "expected a mapping" in capsys.readouterr().err
     assert main(["show", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "cannot read it" in capsys.readouterr().err
 
@@ -153,3 +140,70 @@ def test_every_shipped_config_resolves(path, capsys):
     resolved = yaml.safe_load(printed_config(capsys, [command, "--config", str(path)]))
     written = yaml.safe_load(path.read_text())
     assert {k: resolved[k] for k in ("source", "store", "steps")} == {k: written[k] for k in ("source", "store", "steps")}
+
+
+def test_yaml_configs_mean_what_they_say(tmp_path, capsys):
+    config_file = tmp_path / "scan.yaml"
+    # YAML 1.1 would read 10:20 as the base-60 number 620; a bare number is a step too.
+    config_file.write_text("source: a\nstore: b\nsteps: 10:20\n")
+    assert yaml.safe_load(printed_config(capsys, ["scan", "--config", str(config_file)]))["steps"] == "10:20"
+    config_file.write_text("source: a\nstore: b\nsteps: 100\nprobe: {pool_exclude_rare: 1e-2}\n")
+    printed = yaml.safe_load(printed_config(capsys, ["scan", "--config", str(config_file)]))
+    assert printed["steps"] == "100" and printed["probe"]["pool_exclude_rare"] == 0.01
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("batchh: 4", "unknown keys ['batchh']"),
+        ("mesh: ckpt=x", "--mesh"),
+        ("probe: {n_examples: 0}", "n_examples must be a positive integer"),
+        ("probe: [unclosed", "not valid YAML at line"),
+        ("batch: eight", "batch: expected int, got 'eight'"),
+        ("batch: 0", "--batch must be a positive integer"),
+        ("per_pass: 0", "--per-pass must be a positive integer, 'auto' or 'all'"),
+        ("per_pass: some", "per_pass"),
+        ("load_workers: -3", "--load-workers must be a positive integer"),
+        ("scores: [nope]", "unknown score 'nope'"),
+        ("progress: maybe", "progress: expected bool"),
+        ("probe: {token_range: [1, 2, 3]}", "token_range"),
+        ("steps: '1:2:0'", "the stride must be positive"),
+    ],
+)
+def test_config_values_are_checked_when_the_config_is_read(line, message, tmp_path, capsys):
+    config_file = tmp_path / "scan.yaml"
+    config_file.write_text(f"source: a\nstore: b\n{line}\n")
+    assert main(["scan", "--config", str(config_file), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(config_file) in err
+
+
+def test_train_starts_from_the_preset_it_names(tmp_path, capsys):
+    printed = yaml.safe_load(printed_config(capsys, ["train", "--preset", "tiny", "--steps", "7"]))
+    assert printed["train"]["preset"] == "tiny" and printed["train"]["steps"] == 7
+    assert printed["train"]["batch_size"] == 8 and printed["train"]["model"]["n_ctx"] == 32  # tiny's, not quickstart's
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text("out: traj\ntrain: {preset: tiny, learning_rate: 0.01}\n")
+    printed = yaml.safe_load(printed_config(capsys, ["train", "--config", str(config_file)]))
+    assert printed["out"] == "traj" and printed["train"]["learning_rate"] == 0.01 and printed["train"]["steps"] == 40
+
+
+def test_the_command_line_starts_without_jax():
+    # The readers' --help, --print-config and export never load JAX (show loads it with the score
+    # registry; scan, train and convert need it to run).
+    code = (
+        "import sys, contextlib, io\n"
+        "from jaxinduct.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['--help']) == 0\n"
+        "    assert main(['show', '--store', 's', '--print-config']) == 0\n"
+        "    assert main(['export', '--store', 's', '--table', 'heads', '--format', 'csv', '--out', 'o', '--print-config']) == 0\n"
+        "    assert main(['report', '--help']) == 0\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'orbax', 'flax'))\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

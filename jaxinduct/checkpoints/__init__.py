@@ -1,44 +1,73 @@
-"""Checkpoint trajectories: jaxinduct's Orbax layout, and the sources that read trajectories into canonical Weights."""
+"""Where checkpoints come from: jaxinduct's Orbax layout, the sources that read trajectories into canonical Weights, step selection and converters.
 
-from jaxinduct.checkpoints.convert import convert_hf
-from jaxinduct.checkpoints.hf import HFSource
-from jaxinduct.checkpoints.layout import (
-    Layout,
-    RunRecord,
-    StepMeta,
-    committed_steps,
-    save_canonical_step,
-    save_step,
-    writer_lock,
-    writer_manager,
-)
-from jaxinduct.checkpoints.mapped import MappedSource
-from jaxinduct.checkpoints.mapping import Mapping, MappingError, load_mapping
-from jaxinduct.checkpoints.orbax import OrbaxSource, restore_weights
-from jaxinduct.checkpoints.selection import select_steps
-from jaxinduct.checkpoints.source import CheckpointSource, LoadedCheckpoint, SourceError, StepSelectionError, open_source
+The public names below are imported from their modules on first use (PEP 562), so that
+importing one light module of the package (`selection`, which the command line parses
+``--steps`` with) does not load Orbax, Flax and JAX with the others.
+"""
 
-__all__ = [
-    "CheckpointSource",
-    "HFSource",
-    "Layout",
-    "LoadedCheckpoint",
-    "MappedSource",
-    "Mapping",
-    "MappingError",
-    "OrbaxSource",
-    "RunRecord",
-    "SourceError",
-    "StepMeta",
-    "StepSelectionError",
-    "committed_steps",
-    "convert_hf",
-    "load_mapping",
-    "open_source",
-    "restore_weights",
-    "save_canonical_step",
-    "save_step",
-    "select_steps",
-    "writer_lock",
-    "writer_manager",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "convert_hf": "jaxinduct.checkpoints.convert",
+    "HFSource": "jaxinduct.checkpoints.hf",
+    "Layout": "jaxinduct.checkpoints.layout",
+    "RunRecord": "jaxinduct.checkpoints.layout",
+    "StepMeta": "jaxinduct.checkpoints.layout",
+    "committed_steps": "jaxinduct.checkpoints.layout",
+    "save_canonical_step": "jaxinduct.checkpoints.layout",
+    "save_step": "jaxinduct.checkpoints.layout",
+    "writer_lock": "jaxinduct.checkpoints.layout",
+    "writer_manager": "jaxinduct.checkpoints.layout",
+    "MappedSource": "jaxinduct.checkpoints.mapped",
+    "Mapping": "jaxinduct.checkpoints.mapping",
+    "MappingError": "jaxinduct.checkpoints.mapping",
+    "load_mapping": "jaxinduct.checkpoints.mapping",
+    "OrbaxSource": "jaxinduct.checkpoints.orbax",
+    "restore_weights": "jaxinduct.checkpoints.orbax",
+    "StepSelection": "jaxinduct.checkpoints.selection",
+    "StepSelectionError": "jaxinduct.checkpoints.selection",
+    "select_steps": "jaxinduct.checkpoints.selection",
+    "CheckpointSource": "jaxinduct.checkpoints.protocol",
+    "LoadedCheckpoint": "jaxinduct.checkpoints.protocol",
+    "SourceError": "jaxinduct.checkpoints.protocol",
+    "open_source": "jaxinduct.checkpoints.source",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
+    from jaxinduct.checkpoints.convert import convert_hf
+    from jaxinduct.checkpoints.hf import HFSource
+    from jaxinduct.checkpoints.layout import (
+        Layout,
+        RunRecord,
+        StepMeta,
+        committed_steps,
+        save_canonical_step,
+        save_step,
+        writer_lock,
+        writer_manager,
+    )
+    from jaxinduct.checkpoints.mapped import MappedSource
+    from jaxinduct.checkpoints.mapping import Mapping, MappingError, load_mapping
+    from jaxinduct.checkpoints.orbax import OrbaxSource, restore_weights
+    from jaxinduct.checkpoints.protocol import CheckpointSource, LoadedCheckpoint, SourceError
+    from jaxinduct.checkpoints.selection import StepSelection, StepSelectionError, select_steps
+    from jaxinduct.checkpoints.source import open_source

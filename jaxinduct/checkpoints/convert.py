@@ -8,16 +8,33 @@ committed in the output are skipped; an output that holds another run is refused
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from jaxinduct.checkpoints.hf import HFSource
 from jaxinduct.checkpoints.layout import Layout, StepMeta, restore_meta, save_step, weights_to_params, writer_lock, writer_manager
-from jaxinduct.checkpoints.selection import select_steps
+from jaxinduct.checkpoints.selection import ALL_STEPS, StepSelection, select_steps
 from jaxinduct.errors import RunDirError
+from jaxinduct.flags import SourcePath, StepsFlag
 
 
-def convert_hf(source: str | os.PathLike, out: str | os.PathLike, *, steps: str = "all") -> list[int]:
+@dataclasses.dataclass(frozen=True)
+class ConvertHFConfig:
+    """Write each selected Hugging Face revision (config.json + safetensors) as one Orbax step
+    in jaxinduct's canonical layout. Resumable."""
+
+    source: SourcePath
+    """Hugging Face revisions (stepN, checkpoint-N, revision-*) or one model directory"""
+    out: str
+    """Orbax trajectory directory to write"""
+    steps: StepsFlag = ALL_STEPS
+    """which revisions: all | latest | N | A:B | A:B:S | every:N, comma-separated"""
+
+
+def convert_hf(
+    source: str | os.PathLike, out: str | os.PathLike, *, steps: str | StepSelection = ConvertHFConfig.steps
+) -> list[int]:
     """Convert the selected revisions; returns the steps written now."""
     directory = Path(source).expanduser().resolve()
     hf = HFSource.detect(directory) if directory.is_dir() else None

@@ -18,16 +18,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-from jaxinduct.errors import JaxInductError, RunDirError
+from jaxinduct.errors import RunDirError
 from jaxinduct.model.weights import ModelSpec, Weights
 
 
 class SourceError(RunDirError):
     """A checkpoint source cannot be read (not a trajectory, unknown layout, bad metadata)."""
-
-
-class StepSelectionError(JaxInductError, ValueError):
-    """A --steps expression is malformed or selects nothing."""
 
 
 @dataclasses.dataclass(frozen=True)

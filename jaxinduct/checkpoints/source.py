@@ -10,7 +10,8 @@ from pathlib import Path
 from jaxinduct.checkpoints.hf import HFSource
 from jaxinduct.checkpoints.mapped import MappedSource
 from jaxinduct.checkpoints.orbax import OrbaxSource
-from jaxinduct.checkpoints.protocol import CheckpointSource, LoadedCheckpoint, SourceError, StepSelectionError
+from jaxinduct.checkpoints.protocol import CheckpointSource, LoadedCheckpoint, SourceError
+from jaxinduct.checkpoints.selection import StepSelectionError
 
 __all__ = ["CheckpointSource", "LoadedCheckpoint", "SourceError", "StepSelectionError", "open_source"]
 

@@ -44,15 +44,21 @@ def batches(steps: Sequence[int], size: int) -> list[list[int]]:
     return [list(steps[start : start + size]) for start in range(0, len(steps), size)]
 
 
+# Restore threads by default: a few on accelerators; on the CPU backend half the cores (at
+# most that many), since there the same cores also compute the scores and more restore
+# threads only slow both down (measured on 2 cores: 1 thread 2.0 s, 4 threads 2.3 s per 50
+# checkpoints).
+LOAD_WORKERS = 4
+LOAD_WORKERS_DEFAULT = f"{LOAD_WORKERS}; on the CPU backend half the cores, at most {LOAD_WORKERS}"
+
+
 def resolve_load_workers(load_workers: int | None, mesh: Mesh) -> int:
-    """Restore threads: the given number, or 4; on the CPU backend half the cores (at most 4),
-    since there the same cores also compute the scores and more restore threads only slow
-    both down (measured on 2 cores: 1 thread 2.0 s, 4 threads 2.3 s per 50 checkpoints)."""
+    """Restore threads: the given number, else the default (`LOAD_WORKERS_DEFAULT`)."""
     if load_workers is None:
         if parallel.platform(mesh) == "cpu":
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-            return min(4, max(1, cores // 2))
-        return 4
+            return min(LOAD_WORKERS, max(1, cores // 2))
+        return LOAD_WORKERS
     if not isinstance(load_workers, int) or isinstance(load_workers, bool) or load_workers < 1:
         raise JaxInductError(f"--load-workers must be a positive integer, got {load_workers!r}")
     return load_workers

@@ -1,6 +1,6 @@
 """The scan engine: every score of every checkpoint of a trajectory, into the store.
 
-Data flow (docs/DESIGN: discovery -> adapter -> batcher -> placement -> kernels -> store):
+Data flow (DESIGN.md: discovery -> adapter -> batcher -> placement -> kernels -> store):
 
 1. discovery: the source's committed steps, the ``--steps`` selection, minus the steps
    the store already holds for this (run, probe hash): a rescan or a resumed scan only
@@ -33,18 +33,18 @@ from typing import Annotated, Any
 
 import jax
 import numpy as np
-import tyro
 from jax.sharding import Mesh
 
 from jaxinduct import parallel
-from jaxinduct.checkpoints import CheckpointSource, open_source, select_steps
-from jaxinduct.engine.loader import batches, prefetched, resolve_load_workers
+from jaxinduct.checkpoints import CheckpointSource, open_source
+from jaxinduct.checkpoints.selection import ALL_STEPS, StepSelection
+from jaxinduct.engine.loader import LOAD_WORKERS_DEFAULT, batches, prefetched, resolve_load_workers
 from jaxinduct.errors import JaxInductError
-from jaxinduct.flags import NO_PREFIX, CommaSeparated, MeshFlag, PerPass, SourcePath
+from jaxinduct.flags import NO_PREFIX, CommaSeparated, PerPass, SourcePath, StepsFlag, comma_separated, default_is, one_word
 from jaxinduct.model.weights import ModelSpec, zero_weights
 from jaxinduct.parallel import MeshConfig, broadcast_steps
 from jaxinduct.results.identity import identity_record
-from jaxinduct.results.phase import update_phase_change
+from jaxinduct.results.phase import DetectionConfig, update_phase_change
 from jaxinduct.results.store import CheckpointScores, ResultStore
 from jaxinduct.scores import registry
 from jaxinduct.scores.batched import ScoreResults, score_all
@@ -60,6 +60,9 @@ class ScanError(JaxInductError):
 # --- options -------------------------------------------------------------------------------
 
 
+MeshFlag = one_word(MeshConfig, "ckpt=N,head=M")
+
+
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
     """Score the selected checkpoints of SOURCE (batched, compiled once) into --store.
@@ -69,49 +72,63 @@ class ScanConfig:
     """
 
     source: SourcePath
-    """an Orbax CheckpointManager directory, a Hugging Face model directory, or a directory of
-    Hugging Face revisions (stepN, checkpoint-N, revision-*)"""
+    """an Orbax CheckpointManager directory, a Hugging Face model directory or one of its revisions"""
     store: str
     """results store (SQLite file; created if missing)"""
-    run: str | None = None
-    """run name in the store (default: the SOURCE directory's name)"""
-    steps: str = "all"
+    run: Annotated[str | None, default_is("the SOURCE directory's name")] = None
+    """run name in the store"""
+    steps: StepsFlag = ALL_STEPS
     """which committed steps: all | latest | N | A:B | A:B:S | every:N, comma-separated"""
-    scores: CommaSeparated = None
-    """score names to keep, comma-separated (default: every score; `jaxinduct scores` lists them)"""
+    scores: Annotated[CommaSeparated, default_is("every score")] = None
+    """score names to compute and keep, comma-separated (`jaxinduct scores` lists them)"""
     dataset: str | None = None
     """.npy token ids [example, seq] for icl_score, per_token_loss and ablation"""
-    batch: Annotated[
-        int | None,
-        tyro.conf.arg(help=f"checkpoints per batch, a multiple of the mesh's ckpt axis (default: {DEFAULT_BATCH}, rounded up to one)"),
-    ] = None
-    mesh: MeshFlag = MeshConfig()
-    """device mesh (default: every device on the ckpt axis)"""
+    batch: Annotated[int | None, default_is(f"{DEFAULT_BATCH}, rounded up to a multiple of the ckpt axis")] = None
+    """checkpoints per batch, a multiple of the mesh's ckpt axis"""
+    mesh: Annotated[MeshFlag, default_is("every device on the ckpt axis")] = MeshConfig()
+    """device mesh"""
     probe: Annotated[ProbeConfig, NO_PREFIX] = ProbeConfig()
-    load_workers: int | None = None
-    """threads restoring checkpoints (default 4; on the CPU backend half the cores, at most 4,
-    since there the same cores also compute the scores: measured on 2 cores, 1 thread 2.0 s
-    and 4 threads 2.3 s per 50 checkpoints)"""
+    load_workers: Annotated[int | None, default_is(LOAD_WORKERS_DEFAULT)] = None
+    """threads restoring checkpoints"""
     per_pass: PerPass = "auto"
-    """checkpoints computed at once inside a batch's compiled pass: all vmaps the whole batch;
-    auto is 1 on CPU, where vmapping small per-checkpoint matmuls is slower than one at a
-    time (bench/score_throughput.py), and all on accelerators"""
+    """checkpoints computed at once in a batch's compiled pass: N, all, or auto (1 on CPU, all elsewhere)"""
+    # auto: on CPU, vmapping small per-checkpoint matmuls is slower than one at a time
+    # (bench/score_throughput.py); accelerators have the memory to take the whole batch.
     progress: bool = True
     """show progress"""
     mapping: str | None = None
-    """YAML mapping the params tree of someone else's Orbax checkpoints to canonical names
-    (see docs/mappings/)"""
+    """YAML mapping of someone else's Orbax params tree to canonical names (docs/mappings/)"""
 
     def __post_init__(self) -> None:
-        # The Python API may spell the mesh as on the command line; it is typed from here on.
+        # The Python API may spell the mesh, steps and scores as on the command line.
         if self.mesh is None or isinstance(self.mesh, str):
             object.__setattr__(self, "mesh", MeshConfig.parse(self.mesh))
+        if isinstance(self.steps, str):
+            object.__setattr__(self, "steps", StepSelection.parse(self.steps))
         if isinstance(self.scores, str):
-            object.__setattr__(self, "scores", tuple(s.strip() for s in self.scores.split(",") if s.strip()) or None)
+            object.__setattr__(self, "scores", comma_separated(self.scores))
         elif self.scores is not None:
             object.__setattr__(self, "scores", tuple(self.scores))
         if self.per_pass is None:  # the Python API's older spelling of "all"
             object.__setattr__(self, "per_pass", "all")
+        # Refused here, where the config is made (a flag, a YAML file), not later in the scan.
+        _check_score_names(self.scores)
+        _check_positive("--batch", self.batch)
+        _check_positive("--load-workers", self.load_workers)
+        if self.per_pass not in ("auto", "all"):
+            _check_positive("--per-pass", self.per_pass, "a positive integer, 'auto' or 'all'")
+
+
+def _check_positive(flag: str, value: object, what: str = "a positive integer") -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ScanError(f"{flag} must be {what}, got {value!r}")
+
+
+def _check_score_names(scores: tuple[str, ...] | None) -> None:
+    try:
+        registry.select(scores)
+    except registry.UnknownScoreError as e:
+        raise ScanError(f"--scores: {e}") from None
 
 
 @dataclasses.dataclass
@@ -158,8 +175,7 @@ def resolve_per_pass(per_pass: PerPass | None, mesh: Mesh) -> int | None:
         return 1 if parallel.platform(mesh) == "cpu" else None
     if per_pass is None or per_pass == "all":
         return None
-    if not isinstance(per_pass, int) or isinstance(per_pass, bool) or per_pass < 1:
-        raise ScanError(f"--per-pass must be a positive integer, 'auto' or 'all', got {per_pass!r}")
+    _check_positive("--per-pass", per_pass, "a positive integer, 'auto' or 'all'")
     return per_pass
 
 
@@ -218,22 +234,14 @@ class _Prepared:
 
 def _probe_config_for(options: ScanConfig) -> ProbeConfig:
     # Ablation is the one costly group: compute it only when asked for (or by default).
-    if options.scores and not any(score.family == "ablation" for score in registry.select(options.scores)):
+    if options.scores and not any(score.family == registry.Family.ABLATION for score in registry.select(options.scores)):
         return dataclasses.replace(options.probe, ablation=False)
     return options.probe
-
-
-def _check_score_names(scores: tuple[str, ...] | None) -> None:
-    try:
-        registry.select(scores)
-    except registry.UnknownScoreError as e:
-        raise ScanError(f"--scores: unknown score names: {e}") from None
 
 
 def prepare(options: ScanConfig) -> tuple[_Prepared, Callable[[], ResultStore | None]]:
     """Validate every option before the store is touched; return the plan and a store opener."""
     source = open_source(options.source, mapping=options.mapping)  # refuses a source with no committed step
-    _check_score_names(options.scores)
     mesh = parallel.make_mesh(options.mesh)
     batch = resolve_batch(options.batch, mesh)
     resolve_per_pass(options.per_pass, mesh)  # bad values fail here, before the store is touched
@@ -241,7 +249,7 @@ def prepare(options: ScanConfig) -> tuple[_Prepared, Callable[[], ResultStore | 
     dataset = load_dataset(options.dataset)
     available = source.steps()
     spec = source.spec(available[0])  # each listing of a large directory costs: list once
-    selected = select_steps(options.steps, available)
+    selected = options.steps.select(available)
     parallel.check_head_axis(spec, mesh)
     probes = make_probes(spec, _probe_config_for(options), dataset=dataset)
     mapping = getattr(source, "mapping", None)  # a corrected mapping must not read as already scanned
@@ -282,7 +290,9 @@ def scan(
         if store is not None:
             # After the batches, in its own transaction: a kill before it leaves the previous
             # detection in place, and the next scan (or watch poll) redoes it.
-            found = update_phase_change(store, plan.run, plan.probe_hash)
+            # With the run's own verdict threshold, as every reader detects it (`results.run_view`).
+            detection = DetectionConfig(formed_prefix=plan.probes.config.thresholds.prefix_matching)
+            found = update_phase_change(store, plan.run, plan.probe_hash, detection)
             summary.phase_change = "none found" if found is None else found.describe()
         return summary
     finally:

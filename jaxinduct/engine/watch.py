@@ -31,9 +31,9 @@ class WatchConfig:
 def watch(
     options: ScanConfig,
     *,
-    poll_seconds: float = 10.0,
-    until_step: int | None = None,
-    idle_timeout: float | None = None,
+    poll_seconds: float = WatchConfig.poll,
+    until_step: int | None = WatchConfig.until_step,
+    idle_timeout: float | None = WatchConfig.idle_timeout,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> ScanSummary:
     """Scan each checkpoint as soon as its save is committed, until a step >= ``until_step``

@@ -23,7 +23,7 @@ from matplotlib.patches import Patch
 from jaxinduct.report.format import head_name
 from jaxinduct.report.headline import ablation_metrics, map_metrics, model_metrics, verdict_columns, words
 from jaxinduct.results.phase import FORMATION_METRIC, PhaseChange
-from jaxinduct.results.run_view import RunView
+from jaxinduct.results.run_view import HEAD_CURVES, RunView
 
 DPI = 110
 NOT_DEFINED_GREY = "0.82"  # cells and points whose score is not defined (NaN)
@@ -32,7 +32,7 @@ MAX_NAMED_HEADS = len(HIGHLIGHT_COLOURS)  # more induction heads than this share
 MAX_ANNOTATED_CELLS = 64  # head maps print their values when a map has at most this many cells
 MAX_HEAD_TICKS = 32  # axes name every head up to this many, else only layers
 # Figures about particular scores (the paper's views); the others take theirs from the registry.
-ABLATION_CURVE = "ablation_per_token_loss_delta"  # the full ablation's per-token loss change
+ABLATION_CURVE = HEAD_CURVES[0]  # the full ablation's per-token loss change, as the view loads it
 
 
 def _two_lines(text: str) -> str:

@@ -4,16 +4,27 @@
 (`jaxinduct.scores.registry`) says which head scores are headline (a context column of
 `show`; with a value range also a head map of the report), which are 0/1 verdicts, which
 model scores and ablations there are, in its registration order, and how each is named
-in words. The registry imports JAX, so `jaxinduct.results` never imports this module.
+in words. The registry imports JAX (its scores' functions), so it is imported when a reader
+first asks, not with this module: `jaxinduct show --help` and the store's readers start
+without JAX, and `jaxinduct.results` never imports this module.
 """
 
 from __future__ import annotations
 
-from jaxinduct.scores.registry import Kind, Score, scores
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxinduct.scores.registry import Score
+
+
+def _scores(kind: str | None = None) -> tuple[Score, ...]:
+    from jaxinduct.scores import registry
+
+    return registry.scores(None if kind is None else registry.Kind(kind))
 
 
 def _head_scores() -> tuple[Score, ...]:
-    return scores(Kind.HEAD)
+    return _scores("head")
 
 
 def context_columns() -> list[tuple[str, str]]:
@@ -26,8 +37,8 @@ def verdict_columns() -> list[tuple[str, str]]:
     head in the report.
 
     The 0/1 verdicts that have a short title: induction_behaviour and induction_mechanism.
-    induction_verdicts_agree is a verdict too, but about the other two (1 where both are 0),
-    so it flags no head and gets no column; it has no title.
+    induction_verdicts_agree is a verdict too, but about the other two (1 where they agree,
+    both 0 or both 1), so it flags no head and gets no column; it has no title.
     """
     return [(s.name, s.title) for s in _head_scores() if s.verdict and s.title]
 
@@ -39,17 +50,19 @@ def map_metrics() -> list[tuple[str, tuple[float, float]]]:
 
 def model_metrics() -> tuple[str, ...]:
     """The model-level scores, in registration order: `show` lists each, "-" where not computed."""
-    return tuple(s.name for s in scores(Kind.MODEL))
+    return tuple(s.name for s in _scores("model"))
 
 
 def ablation_metrics() -> list[str]:
     """The per-head ablation scores (the ablation family's head scores), in registration order."""
-    return [s.name for s in _head_scores() if s.family == "ablation"]
+    from jaxinduct.scores.registry import Family
+
+    return [s.name for s in _head_scores() if s.family == Family.ABLATION]
 
 
 def words(name: str) -> str:
     """A score named in words, as figures and tables title it (its registry label)."""
-    for score in scores():
+    for score in _scores():
         if score.name == name:
             return score.words
     return name.replace("_", " ")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import math
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,21 @@ def _run_figures(view: RunView, folder: Path) -> dict[str, Path]:
     return figures
 
 
-def write_report(store: ResultStore, out: str | Path, *, run: str | None = None) -> Report:
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """Figures of each run (phase change, head maps, copying vs prefix matching,
+    K-composition, per-token loss, ablations, verdicts) and OUT/index.html embedding them.
+    Reads the store only; the page needs no network."""
+
+    store: str
+    """results store (SQLite file)"""
+    out: str
+    """output directory (created; its report files are replaced)"""
+    run: str | None = None
+    """only this run (default: every run in the store)"""
+
+
+def write_report(store: ResultStore, out: str | Path, *, run: str | None = ReportConfig.run) -> Report:
     """Figures and index.html for ``run`` (every run if None) of ``store``, in ``out``."""
     runs = select_runs(store, run, "report")
     out = Path(out).expanduser()

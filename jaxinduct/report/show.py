@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,6 @@ from jaxinduct.results.phase import FORMATION_METRIC, PHASE_METRICS  # PHASE_MET
 from jaxinduct.results.run_view import RunView, load_run_view, select_runs
 from jaxinduct.results.store import ResultStore, StoreError
 
-DEFAULT_METRIC = "prefix_matching"
 MIN_WIDTH = 80  # never lay out for fewer columns than this unless a width is passed
 MAX_FAILED_SHOWN = 5
 STEPS_NAMED = 3  # an unknown-step error names this many first and last steps, not all of them
@@ -267,13 +267,29 @@ def _default_width() -> int:
     return max(shutil.get_terminal_size().columns, MIN_WIDTH)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShowConfig:
+    """Print the top heads and model scores of a store."""
+
+    store: str
+    """results store (SQLite file)"""
+    run: str | None = None
+    """run name (default: every run in the store)"""
+    metric: str = FORMATION_METRIC
+    """head score to rank by (`jaxinduct scores` lists them)"""
+    step: int | None = None
+    """checkpoint step (default: the last scanned)"""
+    top: int = 10
+    """how many heads"""
+
+
 def render_show(
     store: ResultStore,
     *,
-    run: str | None = None,
-    metric: str = DEFAULT_METRIC,
-    step: int | None = None,
-    top: int = 10,
+    run: str | None = ShowConfig.run,
+    metric: str = ShowConfig.metric,
+    step: int | None = ShowConfig.step,
+    top: int = ShowConfig.top,
     width: int | None = None,
 ) -> str:
     """The text of ``jaxinduct show``: a section per run (``run`` alone if given).

@@ -2,12 +2,16 @@
 
 One file per table (heads, pairs, model), one row per stored score, the columns of
 ``EXPORT_COLUMNS``. Rows stream from the store a chunk at a time, so an export of any
-size runs in bounded memory. Pure Python (pyarrow for Parquet), no JAX.
+size runs in bounded memory; that is why export reads the store's tables rather than a
+`jaxinduct.results.run_view.RunView` (which holds whole runs), at the same probe hash the
+view reads (a run's latest, `ResultStore.resolve_probe_hash`). Pure Python (pyarrow for
+Parquet), no JAX.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -68,12 +72,28 @@ def _write_parquet(path: Path, columns: Sequence[str], chunks: Iterable[list[tup
     return n
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Write a store's scores as CSV or Parquet."""
+
+    store: str
+    """results store (SQLite file)"""
+    table: ExportTable
+    """which scores"""
+    format: ExportFormat
+    """file format"""
+    out: str
+    """output file"""
+    run: str | None = None
+    """only this run (default: all)"""
+
+
 def export(
     store: ResultStore,
     table: ExportTable,
     fmt: ExportFormat,
     out_path: str | os.PathLike[str],
-    run: str | None = None,
+    run: str | None = ExportConfig.run,
     *,
     probe_hash: str | None = None,
 ) -> int:

@@ -27,15 +27,23 @@ ALL_SCORES = "all"  # the record's "scores" value when every score was kept
 class VerdictThresholds:
     """When a head counts as an induction head (docs/scores.md, "Verdicts"). Strict: score > threshold.
 
-    The same fields and defaults as ``jaxinduct.scores.probes.VerdictThresholds`` (a test
-    checks they agree), kept here so that readers of a store need no JAX.
+    Part of the probe configuration (`jaxinduct.scores.probes.ProbeConfig.thresholds`) and
+    of its recorded identity; defined here, without JAX, so that readers of a store share it.
     """
 
+    # Each default sits several times above what a randomly initialised head scores
+    # (docs/scores.md, "Baselines"): prefix_matching ~0.03, |copying| < 0.2,
+    # |ov_copying|, |induction_qk_positivity| < 0.3, previous_token ~0.04-0.06.
     prefix_matching: float = 0.4
+    """behaviour: a head attends to the token after earlier copies of its token (prefix_matching) ..."""
     copying: float = 0.3
+    """... and raises the logits of what it attends to (copying)"""
     ov_copying: float = 0.5
+    """mechanism: a copying OV circuit (ov_copying) ..."""
     induction_qk: float = 0.5
+    """... a positive induction QK term (induction_qk_positivity, per head) ..."""
     previous_token: float = 0.2
+    """... and a head of an earlier layer scoring this previous_token"""
 
 
 @dataclasses.dataclass(frozen=True)

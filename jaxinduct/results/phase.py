@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from jaxtyping import Float
 
+from jaxinduct.results.identity import VerdictThresholds
 from jaxinduct.results.store import ResultStore
 
 PHASE_METRICS = ("phase_change_start", "phase_change_end")
@@ -76,7 +77,7 @@ class DetectionConfig:
     min_bic_gain: float = 10.0
     noise_multiple: float = 4.0
     min_points: int = 6  # fewer checkpoints than this: no detection attempted
-    formed_prefix: float = 0.4  # max prefix_matching must reach this; the verdict's threshold
+    formed_prefix: float = VerdictThresholds.prefix_matching  # max prefix_matching must reach the verdict's threshold
     stray_share: float = 0.1  # at most this share of a flat side's checkpoints may sit nearer the other level
 
 

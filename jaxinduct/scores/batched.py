@@ -442,8 +442,9 @@ def score_all(
     checkpoints, probe shapes and config, mesh, checkpoints_per_pass, whether ``valid``
     is given, selected scores).
 
-    mesh: the mesh ``weights`` are placed on; default: the mesh of their NamedSharding,
-        if they have one, else none (one program on the default device).
+    mesh: the mesh ``weights`` are placed on (the engine passes it); left out, the mesh of
+        their NamedSharding if they have one (weights a caller placed itself), else none
+        (one program on the default device).
     checkpoints_per_pass: None vmaps all checkpoints at once (every intermediate of every
         checkpoint is live together; best on accelerators with memory to spare); k computes
         k at a time inside the same compiled pass, bounding memory to k checkpoints' worth.
@@ -459,7 +460,10 @@ def score_all(
         raise ValueError(f"checkpoints_per_pass must be a positive integer or None, got {checkpoints_per_pass}")
     selection = registry.select(scores)
     arrays = ProbeArrays.from_probes(probes)
-    mesh = mesh_of(weights) if mesh is None else mesh
+    placed_on = mesh_of(weights)
+    if mesh is not None and placed_on is not None and placed_on != mesh:
+        raise ValueError("score_all: the weights are placed on another mesh than the one given")
+    mesh = placed_on if mesh is None else mesh
     parallel = checkpoint_parallel(mesh)
     if valid is not None:
         valid = place_flags(valid, weights.W_E.shape[0], mesh)

@@ -15,6 +15,8 @@ import tyro
 from jaxtyping import Bool, Int
 
 from jaxinduct.errors import SpecError
+from jaxinduct.flags import default_is
+from jaxinduct.results.identity import VerdictThresholds
 from jaxinduct.model.weights import ModelSpec
 
 
@@ -50,36 +52,30 @@ def repeated_random_tokens(
 
 
 @dataclasses.dataclass(frozen=True)
-class VerdictThresholds:
-    """When a head counts as an induction head (docs/scores.md, "Verdicts"). Strict: score > threshold."""
-
-    # Each default sits several times above what a randomly initialised head scores
-    # (docs/scores.md, "Baselines"): prefix_matching ~0.03, |copying| < 0.2,
-    # |ov_copying|, |induction_qk_positivity| < 0.3, previous_token ~0.04-0.06.
-    prefix_matching: float = 0.4  # behaviour: attends to the token after earlier copies ...
-    copying: float = 0.3  # ... and raises the logits of what it attends to
-    ov_copying: float = 0.5  # mechanism: copying OV circuit ...
-    induction_qk: float = 0.5  # ... a positive induction QK term (induction_qk_positivity per head) ...
-    previous_token: float = 0.2  # ... and some head of an earlier layer scoring this previous_token
-
-
-@dataclasses.dataclass(frozen=True)
 class ProbeConfig:
     """Everything that determines a scan's probes and score options; its hash identifies results."""
 
     # The command line also takes the shorter --examples and --repeats.
-    n_examples: Annotated[int, tyro.conf.arg(aliases=("--examples",))] = 32  # sequences per probe
-    block_len: int = 25  # length of the random block R of the repeated probes
-    n_repeats: Annotated[int, tyro.conf.arg(aliases=("--repeats",))] = 4  # repeats of R: [BOS] + R x n_repeats
-    seed: int = 0  # seed of every probe's random tokens
-    # Token pool: an explicit [low, high) id range, or None for the default: the dataset's
-    # tokens minus the most and least frequent when a dataset is given, else every id but BOS.
-    token_range: tuple[int, int] | None = None
-    pool_exclude_frequent: float = 0.05  # share of the dataset's distinct tokens dropped as most frequent
-    pool_exclude_rare: float = 0.05  # ... and as least frequent (tokens absent from it never qualify)
-    icl_late: int = 500  # icl_score = loss at this context index minus loss at icl_early
+    n_examples: Annotated[int, tyro.conf.arg(aliases=("--examples",))] = 32
+    """sequences per probe"""
+    block_len: int = 25
+    """length of the random block R of the repeated probes"""
+    n_repeats: Annotated[int, tyro.conf.arg(aliases=("--repeats",))] = 4
+    """repeats of R: the repeated probe is [BOS] + R x n_repeats"""
+    seed: int = 0
+    """seed of every probe's random tokens"""
+    token_range: Annotated[tuple[int, int] | None, default_is("the dataset's tokens, else every id but BOS")] = None
+    """draw probe tokens from ids [low, high)"""
+    pool_exclude_frequent: float = 0.05
+    """share of the dataset's distinct tokens left out of the pool as the most frequent"""
+    pool_exclude_rare: float = 0.05
+    """... and as the least frequent (tokens absent from the dataset never qualify)"""
+    icl_late: int = 500
+    """icl_score = loss at this context index minus loss at icl_early"""
     icl_early: int = 50
-    ablation: bool = True  # with a dataset: delta icl_score of every head, full and pattern-preserving
+    """the early context index of icl_score"""
+    ablation: bool = True
+    """with a dataset: the change of icl_score when each head is ablated, full and pattern-preserving"""
     thresholds: VerdictThresholds = VerdictThresholds()
 
     def __post_init__(self) -> None:

@@ -34,7 +34,7 @@ from jaxinduct.scores import ablation, empirical, losses, mechanistic, verdicts
 from jaxinduct.scores.context import Checkpoint
 
 # Bumped whenever a definition changes what a score's number is: part of the results'
-# identity in the store (scan.probe_identity), so old and new numbers are never mixed.
+# identity in the store (`jaxinduct.engine.scan.probe_identity`), so old and new numbers are never mixed.
 SCORES_VERSION = 1
 
 
@@ -46,6 +46,16 @@ class Kind(enum.StrEnum):
     MODEL = "model"  # scalar
     CURVE = "curve"  # [seq]
     HEAD_CURVE = "head_curve"  # [layer, head, seq]
+
+
+class Family(enum.StrEnum):
+    """The module of jaxinduct.scores a built-in score is defined in."""
+
+    EMPIRICAL = "empirical"
+    MECHANISTIC = "mechanistic"
+    LOSSES = "losses"
+    ABLATION = "ablation"
+    VERDICTS = "verdicts"
 
 
 class UnknownScoreError(JaxInductError, LookupError):
@@ -71,7 +81,7 @@ class Score:
 
     name: str
     kind: Kind
-    family: str
+    family: Family | str  # a Family for the built-in scores; any name for one registered elsewhere
     meaning: str
     compute: Callable[[Checkpoint], Array | None]
     title: str | None = None
@@ -95,7 +105,8 @@ class Score:
             raise ValueError(f"a score name is a Python identifier (it becomes a column and a file name), got {self.name!r}")
 
 
-_EMPIRICAL, _MECHANISTIC, _LOSSES, _ABLATION, _VERDICTS = "empirical", "mechanistic", "losses", "ablation", "verdicts"
+_EMPIRICAL, _MECHANISTIC, _LOSSES = Family.EMPIRICAL, Family.MECHANISTIC, Family.LOSSES
+_ABLATION, _VERDICTS = Family.ABLATION, Family.VERDICTS
 _UNIT, _SIGNED = (0.0, 1.0), (-1.0, 1.0)
 
 # Registration order is presentation order: head scores in show's context columns and the
@@ -264,7 +275,7 @@ def _unknown(what: Sequence[str]) -> UnknownScoreError:
 
 def describe_scores() -> str:
     """The listing of ``jaxinduct scores``: name, kind, family and meaning of every score, aligned."""
-    rows = [("name", "kind", "family", "meaning")] + [(s.name, str(s.kind), s.family, s.meaning) for s in scores()]
+    rows = [("name", "kind", "family", "meaning")] + [(s.name, str(s.kind), str(s.family), s.meaning) for s in scores()]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
     return "\n".join(line.rstrip() for line in lines) + "\n"

@@ -80,16 +80,25 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """A reference training run: model, data, optimiser and checkpoint schedule (its hash is the run's identity)."""
+
     preset: str
+    """the preset these values start from (`jaxinduct train --list-presets`)"""
     model: ModelSpec
     data: DataConfig = DataConfig()
     steps: int = 1500
+    """optimizer steps"""
     batch_size: int = 32
+    """sequences per optimizer step"""
     learning_rate: float = 1e-3
+    """peak learning rate (Adam, linear warm-up)"""
     warmup_steps: int = 50
+    """steps of linear learning-rate warm-up"""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    """global gradient-norm clip"""
     seed: int = 0
+    """seed for init and data"""
     schedule: ScheduleConfig = ScheduleConfig()
 
     def to_dict(self) -> dict[str, Any]:
