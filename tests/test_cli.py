@@ -164,7 +164,7 @@ def test_yaml_configs_mean_what_they_say(tmp_path, capsys):
         ("per_pass: 0", "--per-pass must be a positive integer, 'auto' or 'all'"),
         ("per_pass: some", "per_pass"),
         ("load_workers: -3", "--load-workers must be a positive integer"),
-        ("scores: [nope]", "unknown score 'nope'"),
+        ("scores: [nope]", "unknown score names ['nope']"),
         ("progress: maybe", "progress: expected bool"),
         ("probe: {token_range: [1, 2, 3]}", "token_range"),
         ("steps: '1:2:0'", "the stride must be positive"),

@@ -125,10 +125,10 @@ def _check_positive(flag: str, value: object, what: str = "a positive integer") 
 
 
 def _check_score_names(scores: tuple[str, ...] | None) -> None:
-    try:
-        registry.select(scores)
-    except registry.UnknownScoreError as e:
-        raise ScanError(f"--scores: {e}") from None
+    unknown = sorted(set(scores or ()) - set(registry.names()))
+    if unknown:
+        known = ", ".join(sorted(registry.names()))
+        raise ScanError(f"--scores: unknown score names {unknown}; known: {known} (`jaxinduct scores` lists them)")
 
 
 @dataclasses.dataclass
