@@ -7,14 +7,15 @@ started from Python and one started from the shell take the same value.
 
 Every command also reads its config from a YAML file (``--config FILE``; flags given on the
 command line override it) and can print the config it resolved (``--print-config``) as
-YAML that ``--config`` reads back: the TPU topology configs in tpu_configs/ are such files.
+YAML that ``--config`` reads back (docs/configs/ ships an example; tpu_configs/ is meant
+to hold one such file per topology).
 
-Why tyro: it derives a complete CLI from type annotations and field docstrings alone
-(nested dataclasses, unions, literals, tuples, custom one-word spellings), takes a default
-instance so a YAML file can seed it, and needs no decorators or base classes on the config
-types, which stay plain dataclasses that the Python API uses directly. draccus (Levanter's)
-ties the config file to its own flag and flattens nothing; jsonargparse spells nested flags
-with underscores and needs its own parser objects around every command.
+Why tyro (draccus and jsonargparse were the alternatives): it derives a complete CLI from
+type annotations and field docstrings alone (nested dataclasses, unions, literals,
+tuples, and one-word spellings such as ``--mesh ckpt=4,head=2`` through a constructor
+spec), accepts a default instance, which is how a YAML file (or a training preset) seeds
+the command line, and asks nothing of the config types: no base class, decorator or
+parser object, so they stay plain frozen dataclasses that the Python API takes as they are.
 
 Commands import their modules only when they run: `--help`, `--print-config` and
 `export` start without loading JAX; `show`, `report` and `scores` load it with the score
@@ -49,7 +50,6 @@ from jaxinduct.errors import ConfigError, JaxInductError
 class ScoresConfig:
     """List every score jaxinduct computes: name, kind, family and what it measures
     (docs/scores.md defines each)."""
-
 
 
 def _train(config: Any) -> int:
