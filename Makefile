@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/quickstart_phase_change.py
 	$(BIN)/python bench/score_throughput.py
 	$(BIN)/python bench/scan_throughput.py
+	$(BIN)/python bench/vs_transformer_lens.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
