@@ -14,7 +14,7 @@ import pytest
 from jax.extend.core import Literal
 
 from jaxinduct.errors import JaxInductError
-from jaxinduct.model.weights import ModelSpec, init_random_weights, stack_weights
+from jaxinduct.model.weights import ModelSpec, abstract_weights, init_random_weights, stack_weights
 from jaxinduct.scores import registry
 from jaxinduct.scores.batched import (
     CURVE_NAMES,
@@ -23,6 +23,7 @@ from jaxinduct.scores.batched import (
     PAIR_SCORE_NAMES,
     ProbeArrays,
     _checkpoint_scores,
+    _score_all,
     score_all,
 )
 from jaxinduct.scores.probes import ProbeConfig, make_probes
@@ -227,3 +228,30 @@ def test_a_registered_score_is_stored_by_a_scan_shown_and_exported(tmp_path, cap
 
 
 SPEC_SCAN_HEADS = 2 * 2  # tests/test_scan.py's SPEC: 2 layers x 2 heads
+
+
+# --- shared products are computed once per checkpoint (from the compiled program) -------------
+
+
+def compiled_flops(spec: ModelSpec, selection) -> float:
+    """XLA's FLOP count of one checkpoint's compiled pass for this selection (shapes only, nothing runs)."""
+    stacked = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype), abstract_weights(spec))
+    probes = make_probes(spec, ProbeConfig(n_examples=2))
+    compiled = _score_all.lower(stacked, ProbeArrays.from_probes(probes), None, probes.config, None, tuple(selection)).compile()
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def test_the_vocabulary_sized_products_are_computed_once_per_checkpoint():
+    # A vocabulary far wider than the model, so that the two d_vocab-sized products dominate:
+    # W_E^T W_E, which every induction QK pair (both scores, every source-layer block) reads,
+    # and W_U W_E, which every head's OV circuit reads. Each costs 2 d_vocab d_model^2 FLOPs.
+    spec = ModelSpec(d_vocab=8192, d_model=64, n_layers=5, n_heads=2, d_head=32, n_ctx=128, positional="rotary",
+                     bos_token_id=0)  # fmt: skip
+    product = 2 * spec.d_vocab * spec.d_model**2
+    pairs = [registry.get(name, Kind.PAIR) for name in ("induction_qk_positivity", "induction_qk_trace")]
+    base = compiled_flops(spec, registry.select(["k_composition"]))  # processing and the small per-pair products
+    assert base < 0.5 * product  # the products dominate, so a second one could not hide in the bounds
+    # The bound allows the pair loops and the eigenvalue inputs, not a second product of either kind.
+    assert compiled_flops(spec, pairs) < base + 1.3 * product
+    assert compiled_flops(spec, [*pairs, registry.get("ov_copying")]) < base + 2.3 * product
