@@ -271,17 +271,17 @@ def per_device(fn: Callable[..., Any], parallel: CheckpointParallel, n_sharded: 
     return functools.wraps(fn)(call)
 
 
-def place_flags(valid: Array | np.ndarray, n_checkpoints: int, mesh: Mesh | None) -> Bool[Array, " ckpt"]:
-    """Per-checkpoint flags as an array placed like the ckpt axis of a stack on ``mesh``."""
+def place_flags(valid: Array | np.ndarray, n_checkpoints: int, parallel: CheckpointParallel | None) -> Bool[Array, " ckpt"]:
+    """Per-checkpoint flags as an array placed like the ckpt axis of a stack scored per device
+    as ``parallel`` says (`checkpoint_parallel`); None: one program, flags on the default device."""
     if not isinstance(valid, jax.Array):
         valid = np.asarray(valid, bool)
     if valid.shape != (n_checkpoints,):
         raise ValueError(f"valid must have shape ({n_checkpoints},), one flag per checkpoint; got shape {valid.shape}")
     if isinstance(valid, jax.Array):
         return valid.astype(bool)
-    if checkpoint_parallel(mesh) is None:
+    if parallel is None:
         return jax.numpy.asarray(valid)
     # Host flags placed like the ckpt axis: a global array, so that it works across processes too.
     host = valid
-    assert mesh is not None
-    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, PartitionSpec(CKPT)), lambda i: host[i])
+    return jax.make_array_from_callback(host.shape, NamedSharding(parallel.mesh, PartitionSpec(CKPT)), lambda i: host[i])

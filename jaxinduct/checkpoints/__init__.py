@@ -8,7 +8,7 @@ importing one light module of the package (`selection`, which the command line p
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
@@ -50,24 +50,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
-
-
-if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from jaxinduct.checkpoints.convert import convert_hf
-    from jaxinduct.checkpoints.hf import HFSource
-    from jaxinduct.checkpoints.layout import (
-        Layout,
-        RunRecord,
-        StepMeta,
-        committed_steps,
-        save_canonical_step,
-        save_step,
-        writer_lock,
-        writer_manager,
-    )
-    from jaxinduct.checkpoints.mapped import MappedSource
-    from jaxinduct.checkpoints.mapping import Mapping, MappingError, load_mapping
-    from jaxinduct.checkpoints.orbax import OrbaxSource, restore_weights
-    from jaxinduct.checkpoints.protocol import CheckpointSource, LoadedCheckpoint, SourceError
-    from jaxinduct.checkpoints.selection import StepSelection, StepSelectionError, select_steps
-    from jaxinduct.checkpoints.source import open_source

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from jaxinduct.checkpoints.protocol import SourceError
 from jaxinduct.errors import RunDirError
 from jaxinduct.model.nnx import nnx_params_to_weights, weights_to_nnx_params
-from jaxinduct.model.weights import ModelSpec, Weights, abstract_weights, make_weights
+from jaxinduct.model.weights import ModelSpec, Weights, abstract_weights, host_zeros, make_weights
 
 RUN_FILE = "jaxinduct_run.json"
 LOCK_FILE = "jaxinduct_run.lock"
@@ -397,11 +397,6 @@ def abstract_params(layout: Layout, spec: ModelSpec) -> Any:
     """The layout's params tree of a spec as shape/dtype structs; no arrays are made
     (cached: the NNX one traces the converter)."""
     return jax.eval_shape(_TO_TREE[layout], abstract_weights(spec))
-
-
-def host_zeros(structs: Any) -> Any:
-    """Numpy zeros shaped like a tree of shape/dtype structs (or Orbax array metadata)."""
-    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), structs)
 
 
 def params_target(layout: Layout, spec: ModelSpec) -> Any:

@@ -16,11 +16,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxinduct.checkpoints.layout import host_zeros, list_steps, reader_item_handlers, restore_tree, tree_metadata
+from jaxinduct.checkpoints.layout import list_steps, reader_item_handlers, restore_tree, tree_metadata
 from jaxinduct.checkpoints.mapping import Mapping, apply_mapping, check_shapes, flatten_tree, load_mapping
 from jaxinduct.checkpoints.orbax import ThreadReaders, existing_directory, first_step, require_steps
 from jaxinduct.checkpoints.protocol import LoadedCheckpoint, SourceError
-from jaxinduct.model.weights import ModelSpec
+from jaxinduct.model.weights import ModelSpec, host_zeros
 
 
 @dataclasses.dataclass

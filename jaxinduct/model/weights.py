@@ -322,6 +322,11 @@ def abstract_weights(spec: ModelSpec, dtype: Any = np.float32) -> Weights:
     return Weights(spec=spec, **{name: jax.ShapeDtypeStruct(shape, dtype) for name, shape in expected_shapes(spec).items()})
 
 
+def host_zeros(structs: Any) -> Any:
+    """Numpy zeros shaped like a tree of shape/dtype structs (or Orbax array metadata)."""
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), structs)
+
+
 def zero_weights(spec: ModelSpec) -> Weights:
     """Weights of host float32 zeros (one checkpoint): the padding row of a batch with no checkpoint."""
-    return Weights(spec=spec, **{name: np.zeros(shape, np.float32) for name, shape in expected_shapes(spec).items()})
+    return host_zeros(abstract_weights(spec))

@@ -11,20 +11,19 @@ without JAX, and `jaxinduct.results` never imports this module.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from jaxinduct.scores.registry import Score
+from types import ModuleType
+from typing import Any
 
 
-def _scores(kind: str | None = None) -> tuple[Score, ...]:
+def _registry() -> ModuleType:
     from jaxinduct.scores import registry
 
-    return registry.scores(None if kind is None else registry.Kind(kind))
+    return registry
 
 
-def _head_scores() -> tuple[Score, ...]:
-    return _scores("head")
+def _head_scores() -> tuple[Any, ...]:
+    registry = _registry()
+    return registry.scores(registry.Kind.HEAD)
 
 
 def context_columns() -> list[tuple[str, str]]:
@@ -50,19 +49,19 @@ def map_metrics() -> list[tuple[str, tuple[float, float]]]:
 
 def model_metrics() -> tuple[str, ...]:
     """The model-level scores, in registration order: `show` lists each, "-" where not computed."""
-    return tuple(s.name for s in _scores("model"))
+    registry = _registry()
+    return tuple(s.name for s in registry.scores(registry.Kind.MODEL))
 
 
 def ablation_metrics() -> list[str]:
     """The per-head ablation scores (the ablation family's head scores), in registration order."""
-    from jaxinduct.scores.registry import Family
-
-    return [s.name for s in _head_scores() if s.family == Family.ABLATION]
+    return [s.name for s in _head_scores() if s.family == _registry().Family.ABLATION]
 
 
 def words(name: str) -> str:
     """A score named in words, as figures and tables title it (its registry label)."""
-    for score in _scores():
-        if score.name == name:
-            return score.words
-    return name.replace("_", " ")
+    registry = _registry()
+    try:
+        return registry.get(name).words
+    except registry.UnknownScoreError:  # a score stored by a scan but not registered here
+        return name.replace("_", " ")

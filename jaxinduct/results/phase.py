@@ -258,7 +258,7 @@ class RunSeries:
     series: dict[str, np.ndarray]  # SIGNALS names -> [n], NaN where not stored
 
 
-MODEL_SIGNALS = ("icl_score", "induction_loss")  # the model-level scores among SIGNALS
+MODEL_SIGNALS = tuple(s.name for s in SIGNALS[1:])  # the model-level scores among SIGNALS (after max prefix_matching)
 
 
 def signal_series(prefix_matching: np.ndarray, model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -280,7 +280,7 @@ def signal_series(prefix_matching: np.ndarray, model: Mapping[str, np.ndarray]) 
 
 def run_series(store: ResultStore, run: str, probe_hash: str | None = None) -> RunSeries:
     """The detection signals of ``run`` at ``probe_hash`` (its latest by default), read from the store."""
-    steps, grid = store.head_score_grid(run, "prefix_matching", probe_hash=probe_hash)
+    steps, grid = store.head_score_grid(run, FORMATION_METRIC, probe_hash=probe_hash)
     _, model = store.model_score_series(run, MODEL_SIGNALS, probe_hash=probe_hash)
     return RunSeries(steps, grid, signal_series(grid, model))
 

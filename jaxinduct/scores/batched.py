@@ -466,7 +466,7 @@ def score_all(
     mesh = placed_on if mesh is None else mesh
     parallel = checkpoint_parallel(mesh)
     if valid is not None:
-        valid = place_flags(valid, weights.W_E.shape[0], mesh)
+        valid = place_flags(valid, weights.W_E.shape[0], parallel)
     if parallel is None:
         return _score_all(weights, arrays, valid, probes.config, checkpoints_per_pass, selection)
     return _score_all_per_device(weights, arrays, valid, probes.config, checkpoints_per_pass, selection, parallel)
