@@ -5,6 +5,7 @@ own tests establish those), never from the store or the engine under test.
 """
 
 import csv
+import dataclasses
 import os
 import signal
 import socket
@@ -27,7 +28,8 @@ from jaxinduct.engine.loader import resolve_load_workers
 from jaxinduct.engine.scan import ScanConfig as ScanOptions, resolve_per_pass, scan
 from jaxinduct.engine.watch import watch
 from jaxinduct.parallel import parse_mesh
-from jaxinduct.scores.batched import HEAD_SCORE_NAMES, PUBLIC_SCORE_NAMES, _score_all, _score_all_per_device, score_all
+from jaxinduct.scores import batched
+from jaxinduct.scores.batched import HEAD_SCORE_NAMES, PUBLIC_SCORE_NAMES, score_all
 from jaxinduct.checkpoints import LoadedCheckpoint, OrbaxSource, select_steps
 from jaxinduct.results.store import ResultStore
 from jaxinduct.checkpoints.layout import META, PARAMS, save_canonical_step, writer_options
@@ -245,11 +247,17 @@ def test_a_scan_of_200_checkpoints_compiles_once(tmp_path, monkeypatch):
 
     source = MemorySource(list(range(200)))
     monkeypatch.setattr(engine, "open_source", lambda path, **options: source)
-    compiled = lambda: _score_all._cache_size() + _score_all_per_device._cache_size()  # noqa: E731 - sharded or not
-    before = compiled()
-    summary = scan(ScanOptions(source="memory", store=str(tmp_path / "s.sqlite"), run="mem", probe=PROBE, batch=16, progress=False))
+    compiles = []
+    real_compile = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or real_compile(self, *a, **k))
+    monkeypatch.setattr(batched, "_PROGRAMS", {})  # nothing compiled by an earlier test
+    options = ScanOptions(source="memory", store=str(tmp_path / "s.sqlite"), run="mem", probe=PROBE, batch=16, progress=False)
+    summary = scan(options)
     assert summary.scanned == 200  # 12 full batches and a padded one of 8
-    assert compiled() - before == 1
+    assert len(compiles) == 1 and summary.compile_seconds > 0
+    # A second scan of the same shape in this process (a watch poll) compiles nothing.
+    again = scan(dataclasses.replace(options, store=str(tmp_path / "t.sqlite")))
+    assert again.scanned == 200 and len(compiles) == 1 and again.compile_seconds == 0
 
 
 # --- crash safety ----------------------------------------------------------------------------

@@ -43,6 +43,10 @@ HeadMask = Float[Array, " head"]
 
 class ForwardOutput(NamedTuple):
     logits: Float[Array, "seq d_vocab"]
+    # The final norm's output, what the unembedding reads: `unembed` of a slice of it gives
+    # the logits of those positions alone (a score that reads a few positions' logits need
+    # not pay for the whole [seq, d_vocab] product; XLA drops what no score reads).
+    final: Float[Array, "seq d_model"] | None = None
     # The attention pattern each head used (the frozen one where patterns were frozen).
     patterns: Float[Array, "layer head seq kv_seq"] | None = None
     # Each head's write into the residual stream (z W_O, without the layer's b_O).
@@ -106,11 +110,17 @@ def forward(
         step, residual, (layers, head_mask, frozen_patterns)
     )
     final = _norm(spec, residual, weights.ln_final_w, weights.ln_final_b)
-    logits = _einsum("sd,dv->sv", final, weights.W_U) + weights.b_U
     final_scale = _norm_scale(spec, residual) if return_head_outputs else None
     return ForwardOutput(
-        logits=logits, patterns=patterns, head_outputs=head_outputs, final_scale=final_scale, pattern_summaries=summaries
-    )
+        logits=unembed(weights, final), final=final, patterns=patterns, head_outputs=head_outputs,
+        final_scale=final_scale, pattern_summaries=summaries,
+    )  # fmt: skip
+
+
+def unembed(weights: Weights, final: Float[Array, "*position d_model"]) -> Float[Array, "*position d_vocab"]:
+    """Logits of the final norm's output (`ForwardOutput.final`) at any positions."""
+    dtype = jnp.promote_types(weights.W_E.dtype, jnp.float32)
+    return _einsum("...d,dv->...v", final, weights.W_U.astype(dtype)) + weights.b_U.astype(dtype)
 
 
 def _check_shapes(spec: ModelSpec, tokens: Array, head_mask: Array | None, frozen: Array | None) -> None:

@@ -27,7 +27,9 @@ leaves W_pos alone (it never enters the residual stream).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -78,6 +80,35 @@ def process_weights(
     return dataclasses.replace(weights, **w)
 
 
+class VocabularyProducts(NamedTuple):
+    """The vocabulary-sized products of processed weights, each [d_model, d_model]."""
+
+    unembed_embed: Float[Array, "d_model d_model"]  # W_U W_E: the direct path in its d_model form
+    embed_gram: Float[Array, "d_model d_model"]  # W_E^T W_E: how token embeddings overlap
+
+
+def vocabulary_products(weights: Weights, processed: Weights) -> VocabularyProducts:
+    """W_U W_E and W_E^T W_E of ``processed = process_weights(weights)`` (default steps).
+
+    Centring W_E over d_model (step 2) is a right product with C = I - 11^T / d_model, so
+    the products are taken with the raw W_E and centred afterwards on [d_model, d_model]:
+    W_U (W_E C) = (W_U W_E) C and (W_E C)^T (W_E C) = C (W_E^T W_E) C. Equal up to
+    rounding, and the products then read an operand that is a plain input: XLA:CPU fuses
+    the centring into a product of two centred operands and runs it at a fifth of the
+    speed (330 ms instead of 65 ms for Pythia-70M's 26 GFLOP W_U W_E).
+    """
+    centred = weights.spec.norm == NormKind.LAYERNORM  # process_weights centres W_E only then
+    W_E = weights.W_E.astype(processed.W_U.dtype)
+    highest = jax.lax.Precision.HIGHEST
+    unembed_embed = jnp.matmul(processed.W_U, W_E, precision=highest)
+    embed_gram = jnp.matmul(W_E.T, W_E, precision=highest)
+    if centred:
+        unembed_embed = unembed_embed - unembed_embed.mean(axis=-1, keepdims=True)
+        embed_gram = embed_gram - embed_gram.mean(axis=-1, keepdims=True)
+        embed_gram = embed_gram - _mean_over_rows(embed_gram)
+    return VocabularyProducts(unembed_embed, embed_gram)
+
+
 def _fold_into_heads(
     W: Float[Array, "layer head d_model d_head"],
     b: Float[Array, "layer head d_head"],
@@ -90,7 +121,7 @@ def _fold_into_heads(
         b = b + jnp.einsum("ld,lhde->lhe", shift, W)
     W = W * scale[:, None, :, None]
     if center:
-        W = W - W.mean(axis=-2, keepdims=True)
+        W = W - _mean_over_rows(W)
     return W, b
 
 
@@ -106,8 +137,19 @@ def _fold_into_reader(
         b = b + jnp.einsum("...d,...do->...o", shift, W)
     W = W * scale[..., :, None]
     if center:
-        W = W - W.mean(axis=-2, keepdims=True)
+        W = W - _mean_over_rows(W)
     return W, b
+
+
+def _mean_over_rows(W: Float[Array, "... rows cols"]) -> Float[Array, "... 1 cols"]:
+    """W.mean(axis=-2, keepdims=True), as a product with a vector of 1 / rows.
+
+    XLA:CPU reduces over a non-minor axis several times slower than it multiplies: for
+    Pythia's W_U [512, 50304] the reduction took 130 ms, the product 30 ms.
+    """
+    rows = W.shape[-2]
+    weights = jnp.full((rows,), 1.0 / rows, W.dtype)
+    return jnp.einsum("r,...rc->...c", weights, W, precision=jax.lax.Precision.HIGHEST)[..., None, :]
 
 
 def _identity_norm(scale: Array, shift: Array | None) -> tuple[Array, Array | None]:

@@ -11,7 +11,9 @@ program is then batched over checkpoints (vmap, chunks, devices) in `_score_chec
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -22,7 +24,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinduct.model.forward import ForwardOutput, forward
-from jaxinduct.model.processing import process_weights
+from jaxinduct.model.processing import VocabularyProducts, process_weights, vocabulary_products
 from jaxinduct.model.weights import ModelSpec, NormKind, Weights
 from jaxinduct.parallel import CheckpointParallel, checkpoint_parallel, mesh_of, per_device, place_flags
 from jaxinduct.scores import registry
@@ -30,14 +32,14 @@ from jaxinduct.scores.compat import DetectionPattern, ErrorMeasure, detection_pa
 from jaxinduct.scores.context import Ablated, Checkpoint, ProbeArrays, RepeatedSummaries
 from jaxinduct.scores.empirical import copying, duplicate_token, prefix_matching, previous_token
 from jaxinduct.scores.losses import icl_of_curve, mean_token_losses, token_losses
-from jaxinduct.scores.mechanistic import composition_score
+from jaxinduct.scores.mechanistic import composition_score, cpu_eigenvalues_on_host
 from jaxinduct.scores.probes import ProbeConfig, Probes, VerdictThresholds
 from jaxinduct.scores.registry import SCORES_VERSION, Kind, Score
 
 __all__ = [
     "CURVE_NAMES", "HEAD_SCORE_NAMES", "MODEL_SCORE_NAMES", "PAIR_SCORE_NAMES", "PUBLIC_SCORE_NAMES", "SCORES_VERSION",
     "LazyCheckpoint", "ProbeArrays", "ScoreResults", "all_composition_scores", "detect_head", "head_prefix_matching",
-    "induction_verdicts", "score_all", "stacked_prefix_matching", "token_losses",
+    "ScoreProgram", "compile_score_all", "induction_verdicts", "score_all", "stacked_prefix_matching", "token_losses",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -241,6 +243,10 @@ class LazyCheckpoint:
     def processed(self) -> Weights:
         return process_weights(self.weights)
 
+    @functools.cached_property
+    def vocabulary_products(self) -> VocabularyProducts:
+        return vocabulary_products(self.weights, self.processed)
+
     @property
     def ov(self) -> tuple[Array, Array]:
         return self.processed.W_V, self.processed.W_O
@@ -366,6 +372,19 @@ def _score_checkpoints(
     config: ProbeConfig,
     checkpoints_per_pass: int | None,
     selection: tuple[Score, ...],
+    host_eigenvalues: bool = False,
+) -> ScoreResults:
+    with cpu_eigenvalues_on_host(host_eigenvalues):
+        return _score_stack(weights, probes, valid, config, checkpoints_per_pass, selection)
+
+
+def _score_stack(
+    weights: Weights,
+    probes: ProbeArrays,
+    valid: Bool[Array, " ckpt"] | None,
+    config: ProbeConfig,
+    checkpoints_per_pass: int | None,
+    selection: tuple[Score, ...],
 ) -> ScoreResults:
     def one(w: Weights) -> ScoreResults:
         return _checkpoint_scores(w, probes, config, selection)
@@ -392,10 +411,15 @@ def _where_valid(valid: Bool[Array, " ckpt"], results: ScoreResults) -> ScoreRes
 
 # selection is static: the program is specialised on the Score entries themselves (their
 # compute functions included), so another selection, or a score registered since, compiles anew.
-_score_all = jax.jit(_score_checkpoints, static_argnames=("config", "checkpoints_per_pass", "selection"))
+# host_eigenvalues: `mechanistic.cpu_eigenvalues_on_host` while tracing (static: part of the key).
+_score_all = jax.jit(
+    _score_checkpoints, static_argnames=("config", "checkpoints_per_pass", "selection", "host_eigenvalues")
+)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "checkpoints_per_pass", "selection", "parallel"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "checkpoints_per_pass", "selection", "parallel", "host_eigenvalues")
+)
 def _score_all_per_device(
     weights: Weights,
     probes: ProbeArrays,
@@ -404,11 +428,12 @@ def _score_all_per_device(
     checkpoints_per_pass: int | None,
     selection: tuple[Score, ...],
     parallel: CheckpointParallel,
+    host_eigenvalues: bool = False,
 ) -> ScoreResults:
     """_score_all with each device scoring its own checkpoints (`jaxinduct.parallel.per_device`)."""
 
     def local(w: Weights, v: Array | None, p: ProbeArrays) -> ScoreResults:
-        return _score_checkpoints(w, p, v, config, checkpoints_per_pass, selection)
+        return _score_checkpoints(w, p, v, config, checkpoints_per_pass, selection, host_eigenvalues)
 
     return per_device(local, parallel, n_sharded=2, n_replicated=1)(weights, valid, probes)
 
@@ -440,7 +465,7 @@ def score_all(
     result is sharded the same way: each device then scores its own checkpoints
     (`jaxinduct.parallel.per_device`). Compiled once per (model spec, number of
     checkpoints, probe shapes and config, mesh, checkpoints_per_pass, whether ``valid``
-    is given, selected scores).
+    is given, selected scores); `compile_score_all` compiles ahead of time instead.
 
     mesh: the mesh ``weights`` are placed on (the engine passes it); left out, the mesh of
         their NamedSharding if they have one (weights a caller placed itself), else none
@@ -456,6 +481,26 @@ def score_all(
         (ov_copying alone runs no forward pass). An unknown name raises
         `registry.UnknownScoreError`, naming the known ones.
     """
+    plan = _plan(weights, probes, mesh, checkpoints_per_pass, valid, scores)
+    return plan.program(*plan.arguments, **plan.static)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    program: Any  # the jitted function
+    arguments: tuple[Any, ...]  # weights, probe arrays, placed valid flags
+    static: dict[str, Any]
+    parallel: CheckpointParallel | None
+
+
+def _plan(
+    weights: Weights,
+    probes: Probes,
+    mesh: Mesh | None,
+    checkpoints_per_pass: int | None,
+    valid: Bool[Array, " ckpt"] | np.ndarray | None,
+    scores: Sequence[str] | None,
+) -> _Plan:
     if checkpoints_per_pass is not None and (not isinstance(checkpoints_per_pass, int) or checkpoints_per_pass < 1):
         raise ValueError(f"checkpoints_per_pass must be a positive integer or None, got {checkpoints_per_pass}")
     selection = registry.select(scores)
@@ -467,6 +512,80 @@ def score_all(
     parallel = checkpoint_parallel(mesh)
     if valid is not None:
         valid = place_flags(valid, weights.W_E.shape[0], parallel)
+    static: dict[str, Any] = dict(
+        config=probes.config,
+        checkpoints_per_pass=checkpoints_per_pass,
+        selection=selection,
+        # One program on several CPU devices takes the host eigenvalue path (see `eigenvalues`).
+        host_eigenvalues=mesh is not None and mesh.devices.size > 1,
+    )
     if parallel is None:
-        return _score_all(weights, arrays, valid, probes.config, checkpoints_per_pass, selection)
-    return _score_all_per_device(weights, arrays, valid, probes.config, checkpoints_per_pass, selection, parallel)
+        return _Plan(_score_all, (weights, arrays, valid), static, None)
+    return _Plan(_score_all_per_device, (weights, arrays, valid), {**static, "parallel": parallel}, parallel)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoreProgram:
+    """`score_all` compiled ahead of time for one batch shape (`compile_score_all`).
+
+    Call it with ckpt-stacked Weights placed as the ones it was compiled for (and the
+    valid flags if it was compiled with them); it returns what score_all would.
+    """
+
+    compiled: jax.stages.Compiled
+    probes: ProbeArrays
+    parallel: CheckpointParallel | None
+    n_checkpoints: int
+    takes_valid: bool
+    compile_seconds: float  # 0 when taken from this process's memo of compiled programs
+
+    def __call__(self, weights: Weights, valid: Bool[Array, " ckpt"] | np.ndarray | None = None) -> ScoreResults:
+        if (valid is not None) != self.takes_valid:
+            raise ValueError(f"this program was compiled {'with' if self.takes_valid else 'without'} valid flags")
+        if valid is not None:
+            valid = place_flags(valid, self.n_checkpoints, self.parallel)
+        return self.compiled(weights, self.probes, valid)
+
+
+# Compiled programs by everything that selects one (argument shapes, dtypes and shardings,
+# static options): a `watch` poll or repeated scan of the same shape in one process reuses
+# its program. A few shapes at most, so the oldest is dropped beyond that.
+_PROGRAMS: dict[Any, ScoreProgram] = {}
+_PROGRAMS_KEPT = 4
+
+
+def compile_score_all(
+    weights: Weights,
+    probes: Probes,
+    *,
+    mesh: Mesh | None = None,
+    checkpoints_per_pass: int | None = None,
+    valid: Bool[Array, " ckpt"] | np.ndarray | None = None,
+    scores: Sequence[str] | None = None,
+) -> ScoreProgram:
+    """`score_all`'s program for batches shaped and placed like ``weights``, compiled now.
+
+    Arguments as score_all's (the values of ``weights`` and ``valid`` are not read, only
+    their shapes and placement). The compile time is measured apart
+    (``compile_seconds``); JAX's persistent compilation cache, when enabled
+    (`jaxinduct.engine.compile_cache`), makes a recompile in another process a load. The
+    program's cost can be read from ``compiled`` (`jaxinduct.engine.cost.compiled_cost`).
+    """
+    plan = _plan(weights, probes, mesh, checkpoints_per_pass, valid, scores)
+    key = (
+        plan.program,
+        jax.tree.structure(plan.arguments),
+        tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(plan.arguments)),
+        tuple(sorted(plan.static.items(), key=lambda item: item[0])),
+    )
+    if key in _PROGRAMS:  # the same program; these probes' values (the key holds only their shapes)
+        return dataclasses.replace(_PROGRAMS[key], probes=plan.arguments[1], compile_seconds=0.0)
+    start = time.perf_counter()
+    compiled = plan.program.lower(*plan.arguments, **plan.static).compile()
+    program = ScoreProgram(
+        compiled, plan.arguments[1], plan.parallel, weights.W_E.shape[0], valid is not None, time.perf_counter() - start
+    )
+    _PROGRAMS[key] = program
+    while len(_PROGRAMS) > _PROGRAMS_KEPT:
+        del _PROGRAMS[next(iter(_PROGRAMS))]
+    return program

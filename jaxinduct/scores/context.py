@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinduct.model.forward import ForwardOutput
+from jaxinduct.model.processing import VocabularyProducts
 from jaxinduct.model.weights import ModelSpec, Weights
 from jaxinduct.scores.probes import ProbeConfig, Probes
 
@@ -84,6 +85,12 @@ class Checkpoint(Protocol):
     @property
     def processed(self) -> Weights:
         """`process_weights(weights)`: what the mechanistic scores read."""
+        ...
+
+    @property
+    def vocabulary_products(self) -> VocabularyProducts:
+        """W_U W_E and W_E^T W_E of the processed weights, [d_model, d_model] each: the only
+        vocabulary-sized products, shared by every head and pair that reads them."""
         ...
 
     @property

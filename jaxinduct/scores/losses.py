@@ -10,14 +10,23 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxinduct.model.forward import unembed
 from jaxinduct.scores.context import Checkpoint
 from jaxinduct.scores.probes import ProbeConfig
 
 
+def next_token_losses(
+    logits: Float[Array, "example position d_vocab"], targets: Int[Array, "example position"]
+) -> Float[Array, "example position"]:
+    """Cross-entropy of each target under the logits at the same index (logits predicting it)."""
+    # logsumexp minus the target's logit: the [.., d_vocab] log-softmax is never materialised.
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logits
+
+
 def token_losses(logits: Float[Array, "example seq d_vocab"], tokens: Int[Array, "example seq"]) -> Float[Array, "example seq"]:
     """Cross-entropy of token i given tokens[:i], at index i; index 0 (nothing to condition on) is NaN."""
-    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    nll = next_token_losses(logits[:, :-1], tokens[:, 1:])
     return jnp.pad(nll, ((0, 0), (1, 0)), constant_values=jnp.nan)
 
 
@@ -50,4 +59,6 @@ def induction_loss(ck: Checkpoint) -> Float[Array, ""]:
     repeated, config = ck.probes.repeated, ck.config
     body = config.block_len * config.n_repeats
     second_half = repeated.shape[1] - body + body // 2
-    return token_losses(ck.repeated.logits, repeated)[:, second_half:].mean()
+    # Only the positions that predict the second half are unembedded: half the logits.
+    logits = unembed(ck.weights, ck.repeated.final[:, second_half - 1 : -1])
+    return next_token_losses(logits, repeated[:, second_half:]).mean()
