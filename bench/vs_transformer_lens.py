@@ -11,7 +11,9 @@ directory of ``stepN`` revisions, then times, per checkpoint:
 - ``jaxinduct scan`` of the same revisions with (a) TransformerLens's work
   (q/k/v_composition, ov_copying, prefix_matching), (b) the weights-only scores, (c) every
   score (the default), each into a fresh store, one checkpoint per batch so that the
-  compile (first batch) is reported apart from the steady state.
+  compile is reported apart from the steady state; and what each selection's compiled
+  program does per checkpoint (matmul FLOPs, counted from the program: `jaxinduct.engine.cost`)
+  against this machine's measured float32 matmul peak.
 
 Usage: python bench/vs_transformer_lens.py [--shape pythia-70m] [--checkpoints 8]
        [--examples 64] [--dir DIR (keep the revisions)]
@@ -35,17 +37,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
+import jax  # noqa: E402
+
+from jaxinduct.engine.bench import matmul_peak, pythia_config  # noqa: E402
+from jaxinduct.engine.cost import ProgramCost, compiled_cost  # noqa: E402
 from jaxinduct.engine.scan import ScanConfig, scan  # noqa: E402
-from jaxinduct.scores.probes import ProbeConfig, default_token_pool, repeated_random_tokens  # noqa: E402
+from jaxinduct.model.weights import init_random_weights, stack_weights  # noqa: E402
+from jaxinduct.scores.batched import compile_score_all  # noqa: E402
+from jaxinduct.scores.probes import ProbeConfig, default_token_pool, make_probes, repeated_random_tokens  # noqa: E402
 from jaxinduct.checkpoints.hf_weights import read_hf_config, spec_from_hf_config  # noqa: E402
 from jaxinduct.model.weights import ModelSpec  # noqa: E402
 
-# HF GPT-NeoX shapes of the Pythia suite (vocabulary 50304, rotary on a quarter of each head).
-SHAPES = {
-    "pythia-70m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
-    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-}
+SHAPES = ("pythia-70m", "pythia-160m", "pythia-410m")
 SELECTIONS = {
     "(a) TransformerLens's work": ("q_composition", "k_composition", "v_composition", "ov_copying", "prefix_matching"),
     "(b) weights-only scores": ("q_composition", "k_composition", "v_composition", "ov_copying"),
@@ -55,10 +58,8 @@ SELECTIONS = {
 
 def write_revisions(directory: Path, shape: str, n: int) -> list[Path]:
     """N revisions step0, step1000, ... of a randomly initialised GPT-NeoX (HF's own init)."""
-    config = GPTNeoXConfig(
-        vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True,
-        hidden_act="gelu", **SHAPES[shape],
-    )  # fmt: skip
+    fields = {k: v for k, v in pythia_config(shape).items() if k not in ("model_type", "architectures")}
+    config = GPTNeoXConfig(**fields)
     revisions = []
     for i in range(n):
         path = directory / f"step{1000 * i}"
@@ -145,21 +146,32 @@ def _prefix_matching(cache, tokens: torch.Tensor, n_layers: int) -> np.ndarray:
 
 
 def jaxinduct_scans(directory: Path, work: Path, probe: ProbeConfig, n: int) -> dict[str, tuple[float, float]]:
-    """Per selection: (seconds of the first batch, compile included; steady seconds per checkpoint)."""
+    """Per selection: (compile seconds, steady seconds per checkpoint: batches after the first)."""
     out = {}
     for label, scores in SELECTIONS.items():
         store = work / f"{label[1]}.sqlite"
         summary = scan(ScanConfig(source=str(directory), store=str(store), scores=scores, batch=1, probe=probe,
                                   progress=False))  # fmt: skip
         assert summary.scanned == n and summary.failed == 0, summary.describe()
-        steady = (summary.seconds - summary.compile_seconds) / max(n - 1, 1)
-        out[label] = (summary.compile_seconds, steady)
+        steady = summary.batch_seconds[1:]
+        out[label] = (summary.compile_seconds, sum(steady) / len(steady))
+    return out
+
+
+def program_costs(spec: ModelSpec, probe: ProbeConfig) -> dict[str, ProgramCost]:
+    """Per selection: what one checkpoint's compiled scan program does (FLOPs, bytes, eigenproblems)."""
+    weights = stack_weights([init_random_weights(spec, 0)])
+    probes = make_probes(spec, probe)
+    out = {}
+    for label, scores in SELECTIONS.items():
+        program = compile_score_all(weights, probes, checkpoints_per_pass=1, scores=scores)
+        out[label] = compiled_cost(program.compiled)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="pythia-70m")
+    parser.add_argument("--shape", choices=SHAPES, default="pythia-70m")
     parser.add_argument("--checkpoints", type=int, default=8)
     parser.add_argument("--examples", type=int, default=64, help="sequences of the repeated-token probe")
     parser.add_argument("--dir", help="keep the revisions here (default: a temporary directory)")
@@ -176,6 +188,8 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         tl = transformer_lens_loop(revisions, spec, tokens)
         ours = jaxinduct_scans(directory, Path(tmp), probe, args.checkpoints)
+        costs = program_costs(spec, probe)
+        peak = matmul_peak(jax.devices()[0])
     n = args.checkpoints
     print(f"\nper checkpoint, {n} checkpoints, probe {args.examples} x ([BOS] + {probe.block_len} x {probe.n_repeats}), "
           f"{os.cpu_count()} CPU cores")  # fmt: skip
@@ -183,11 +197,16 @@ def main() -> None:
           f"composition {tl.composition / n:.2f} + OV eigenvalues {tl.ov_eigenvalues / n:.2f} + patterns {tl.patterns / n:.2f}")  # fmt: skip
     tl_weights = (tl.load + tl.process + tl.composition + tl.ov_eigenvalues) / n
     references = {"(a)": tl.total / n, "(b)": tl_weights, "(c)": tl.total / n}
-    print(f"{'jaxinduct scan':34s} {'steady s/ckpt':>13s} {'first (compile)':>16s} {'vs TransformerLens':>19s}")
-    for label, (first, steady) in ours.items():
+    print(f"{'jaxinduct scan':32s} {'steady s/ckpt':>13s} {'compile s':>9s} {'vs TransformerLens':>18s} "
+          f"{'GFLOP/ckpt':>10s} {'of peak':>8s} {'eig/ckpt':>8s}")  # fmt: skip
+    for label, (compile_seconds, steady) in ours.items():
         ratio = references[label[:3]] / steady if steady > 0 else float("nan")
-        print(f"{label:34s} {steady:13.2f} {first:16.1f} {ratio:18.2f}x")
+        cost = costs[label]
+        print(f"{label:32s} {steady:13.2f} {compile_seconds:9.1f} {ratio:17.2f}x {cost.flops / 1e9:10.1f} "
+              f"{cost.flops / steady / peak:8.0%} {cost.eigenproblems:8.0f}")  # fmt: skip
     print("(b) is compared with TransformerLens's load + process + composition + OV eigenvalues; (a), (c) with its whole loop.")
+    print(f"GFLOP: matrix products of the compiled scan program per checkpoint (jaxinduct.engine.cost); of peak: "
+          f"against a {peak / 1e9:.0f} GFLOP/s float32 matmul measured here. Steady s/ckpt includes loading.")
 
 
 if __name__ == "__main__":

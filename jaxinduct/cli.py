@@ -202,6 +202,11 @@ COMMANDS: dict[str, Command] = {
         _lazy("jaxinduct.checkpoints.convert", "ConvertHFConfig"),
         _convert_hf,
     ),
+    "bench": Command(
+        "measure the scan program on the devices present: peak, bandwidth, seconds and FLOPs per part, engine overhead",
+        _lazy("jaxinduct.engine.bench", "BenchConfig"),
+        lambda config: _lazy("jaxinduct.engine.bench", "bench_main")()(config),
+    ),
     "scores": Command("list every score, its kind and what it measures", lambda: ScoresConfig, _scores),
     "quickstart": Command(
         "train the quickstart model, scan its trajectory, show the induction heads, write a report",

@@ -26,6 +26,7 @@ MINIMAL_ARGS = {
     "convert hf": ["src", "--out", "traj"],
     "scores": [],
     "quickstart": [],
+    "bench": ["--shape", "pythia-160m"],
 }
 
 

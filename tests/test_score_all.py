@@ -7,6 +7,7 @@ into the slot; layer 1's head matches its query token against that slot (K-compo
 and copies the token it lands on (an identity OV circuit). Nothing is trained.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -522,3 +523,26 @@ def test_previous_token_is_measured_on_the_dataset_when_one_is_given(eight_check
     patterns = np.stack([reference_forward(weights, t)[1] for t in probes.dataset])  # [example, layer, head, q, k]
     expected = np.mean([np.diagonal(p, offset=-1, axis1=-2, axis2=-1).mean(-1) for p in patterns], axis=0)
     np.testing.assert_allclose(results.head["previous_token"][0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unembedded_losses_equal_the_log_softmax_of_the_whole_logits(monkeypatch):
+    # Chunks of 7 columns over a vocabulary of 50: 8 chunks, the last padded by 6 columns.
+    from jaxinduct.scores import losses
+
+    monkeypatch.setattr(losses, "VOCAB_CHUNK", 7)
+    rng = np.random.default_rng(3)
+    spec = ModelSpec(d_vocab=50, d_model=16, n_layers=1, n_heads=2, d_head=8, n_ctx=32, d_mlp=None)
+    weights = init_random_weights(spec, 0)
+    weights = dataclasses.replace(weights, W_U=weights.W_U * 4.0)  # logits spread over a wide range
+    final = rng.standard_normal((3, 11, 16)).astype(np.float32)
+    targets = rng.integers(0, 50, (3, 11)).astype(np.int32)
+    logits = final.astype(np.float64) @ np.asarray(weights.W_U, np.float64) + np.asarray(weights.b_U, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    got = jax.jit(losses.unembedded_losses)(weights, jnp.asarray(final), jnp.asarray(targets))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+    # A NaN position (an out-of-vocabulary token upstream) stays NaN; the others are unaffected.
+    final[1, 4] = np.nan
+    got = np.asarray(jax.jit(losses.unembedded_losses)(weights, jnp.asarray(final), jnp.asarray(targets)))
+    assert np.isnan(got[1, 4]) and np.isfinite(np.delete(got.reshape(-1), 1 * 11 + 4)).all()

@@ -145,6 +145,9 @@ class ScanSummary:
     seconds: float = 0.0
     compile_seconds: float = 0.0  # compiling the scan program (0: this process had compiled it)
     failures: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    # Wall time of each batch, compile excluded: from the previous batch's end (waiting for
+    # its restores included) to this one's results stored.
+    batch_seconds: list[float] = dataclasses.field(default_factory=list)
     phase_change: str | None = None  # the run's detected phase change after this scan, described
 
     def describe(self) -> str:
@@ -319,6 +322,7 @@ def _run_batches(
     started = time.perf_counter()
     workers = resolve_load_workers(options.load_workers, plan.mesh)
     program: ScoreProgram | None = None
+    batch_start = time.perf_counter()
     for steps, restored in prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers):
         loaded = {r: got.checkpoint for r, got in restored.items() if got.checkpoint is not None}
         local = [loaded[r].weights if r in loaded else padding for r in rows]
@@ -350,6 +354,9 @@ def _run_batches(
         summary.scanned += len(records)
         summary.failed += len(failures)
         summary.failures += failures
+        now = time.perf_counter()
+        summary.batch_seconds.append(now - batch_start - (summary.compile_seconds if len(summary.batch_seconds) == 0 else 0))
+        batch_start = now
         progress.update(len(steps), steps[-1])
         if on_batch is not None:
             on_batch(steps)

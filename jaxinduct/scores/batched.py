@@ -31,7 +31,7 @@ from jaxinduct.scores import registry
 from jaxinduct.scores.compat import DetectionPattern, ErrorMeasure, detection_pattern, pattern_similarity
 from jaxinduct.scores.context import Ablated, Checkpoint, ProbeArrays, RepeatedSummaries
 from jaxinduct.scores.empirical import copying, duplicate_token, prefix_matching, previous_token
-from jaxinduct.scores.losses import icl_of_curve, mean_token_losses, token_losses
+from jaxinduct.scores.losses import icl_of_curve, token_losses, unembedded_token_losses
 from jaxinduct.scores.mechanistic import composition_score, cpu_eigenvalues_on_host
 from jaxinduct.scores.probes import ProbeConfig, Probes, VerdictThresholds
 from jaxinduct.scores.registry import SCORES_VERSION, Kind, Score
@@ -309,11 +309,11 @@ class LazyCheckpoint:
         weights, dataset, config, spec = self.weights, self.probes.dataset, self.config, self.spec
         frozen = clean.patterns if pattern_preserving else None
         n_heads = spec.n_layers * spec.n_heads
-        masks = 1.0 - jnp.eye(n_heads, dtype=clean.logits.dtype).reshape(n_heads, spec.n_layers, spec.n_heads)
+        masks = 1.0 - jnp.eye(n_heads, dtype=clean.final.dtype).reshape(n_heads, spec.n_layers, spec.n_heads)
 
         def with_head_zeroed(mask: Array) -> tuple[Array, Array]:
-            one = lambda t, f: forward(weights, t, head_mask=mask, frozen_patterns=f).logits  # noqa: E731
-            curve = mean_token_losses(jax.vmap(one)(dataset, frozen), dataset)
+            one = lambda t, f: forward(weights, t, head_mask=mask, frozen_patterns=f).final  # noqa: E731
+            curve = unembedded_token_losses(weights, jax.vmap(one)(dataset, frozen), dataset).mean(axis=0)
             return curve, icl_of_curve(curve, config)
 
         # One layer's heads at a time (vmapped), layers in sequence: memory of n_heads forward passes.

@@ -123,7 +123,8 @@ class Checkpoint(Protocol):
     # --- forward passes over the probes (pattern summaries, never full patterns) ---
     @property
     def repeated(self) -> ForwardOutput:
-        """Over the repeated probe: logits [example, seq, d_vocab] and `RepeatedSummaries`."""
+        """Over the repeated probe: the final norm's output [example, seq, d_model] (what
+        `losses.unembedded_losses` reads) and `RepeatedSummaries`."""
         ...
 
     @property
@@ -143,7 +144,7 @@ class Checkpoint(Protocol):
 
     @property
     def dataset(self) -> ForwardOutput | None:
-        """Over the dataset (None without one): logits, full patterns when ablating, and
+        """Over the dataset (None without one): the final norm's output, full patterns when ablating, and
         `empirical.previous_token` of every head [example, layer, head] as pattern_summaries."""
         ...
 

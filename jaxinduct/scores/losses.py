@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxinduct.model.forward import unembed
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+from jaxinduct.model.weights import Weights
 from jaxinduct.scores.context import Checkpoint
 from jaxinduct.scores.probes import ProbeConfig
 
@@ -35,6 +37,55 @@ def mean_token_losses(logits: Float[Array, "example seq d_vocab"], tokens: Int[A
     return token_losses(logits, tokens).mean(axis=0)
 
 
+# Columns of W_U unembedded at a time by `unembedded_losses`: the logits of one step,
+# [positions, chunk], are what is live, instead of [positions, d_vocab].
+VOCAB_CHUNK = 8192
+
+
+def unembedded_losses(
+    weights: Weights, final: Float[Array, "*position d_model"], targets: Int[Array, "*position"]
+) -> Float[Array, "*position"]:
+    """next_token_losses(unembed(weights, final), targets), the logits never stored whole.
+
+    The vocabulary is unembedded a chunk of columns at a time with a running logsumexp
+    (max and rescaled sum), and each target's logit is one dot product. On the CPU this
+    halves the time of Pythia-70M's induction loss (0.59 s against 1.22 s for 3,200
+    positions): the [positions, d_vocab] logits are neither written nor read back.
+    Equal to the direct computation up to float rounding.
+    """
+    dtype = jnp.promote_types(weights.W_E.dtype, jnp.float32)
+    W_U, b_U = weights.W_U.astype(dtype), weights.b_U.astype(dtype)
+    d_model, d_vocab = W_U.shape
+    x = final.reshape(-1, d_model).astype(dtype)
+    flat_targets = targets.reshape(-1)
+    n_chunks = -(-d_vocab // VOCAB_CHUNK)
+    chunk = -(-d_vocab // n_chunks)
+    pad = n_chunks * chunk - d_vocab  # padded columns: zero weights, bias -inf (exp = 0)
+    chunks = jnp.pad(W_U, ((0, 0), (0, pad))).reshape(d_model, n_chunks, chunk).transpose(1, 0, 2)
+    biases = jnp.pad(b_U, (0, pad), constant_values=-jnp.inf).reshape(n_chunks, chunk)
+
+    def step(carry: tuple[Array, Array], part: tuple[Array, Array]) -> tuple[tuple[Array, Array], None]:
+        running_max, running_sum = carry
+        logits = jnp.matmul(x, part[0], precision=_HIGHEST) + part[1]
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))
+        rescaled = running_sum * jnp.exp(running_max - new_max)
+        return (new_max, rescaled + jnp.exp(logits - new_max[:, None]).sum(axis=-1)), None
+
+    start = (jnp.full(x.shape[0], -jnp.inf, dtype), jnp.zeros(x.shape[0], dtype))
+    (peak, total), _ = jax.lax.scan(step, start, (chunks, biases))
+    target_logits = jnp.einsum("nd,dn->n", x, jnp.take(W_U, flat_targets, axis=1), precision=_HIGHEST)
+    losses = peak + jnp.log(total) - (target_logits + b_U[flat_targets])
+    return losses.reshape(targets.shape)
+
+
+def unembedded_token_losses(
+    weights: Weights, final: Float[Array, "example seq d_model"], tokens: Int[Array, "example seq"]
+) -> Float[Array, "example seq"]:
+    """`token_losses` of the logits of ``final`` (`ForwardOutput.final`), through `unembedded_losses`."""
+    nll = unembedded_losses(weights, final[:, :-1], tokens[:, 1:])
+    return jnp.pad(nll, ((0, 0), (1, 0)), constant_values=jnp.nan)
+
+
 def icl_of_curve(curve: Float[Array, " seq"], config: ProbeConfig) -> Float[Array, ""]:
     """Olsson's in-context-learning score of a per-token loss curve: curve[icl_late] - curve[icl_early]."""
     return curve[config.icl_late] - curve[config.icl_early]
@@ -44,7 +95,7 @@ def per_token_loss(ck: Checkpoint) -> Float[Array, " seq"] | None:
     """Mean loss at every context index of the dataset's examples; None without a dataset."""
     if ck.dataset is None:
         return None
-    return mean_token_losses(ck.dataset.logits, ck.probes.dataset)
+    return unembedded_token_losses(ck.weights, ck.dataset.final, ck.probes.dataset).mean(axis=0)
 
 
 def icl_score(ck: Checkpoint) -> Float[Array, ""] | None:
@@ -60,5 +111,4 @@ def induction_loss(ck: Checkpoint) -> Float[Array, ""]:
     body = config.block_len * config.n_repeats
     second_half = repeated.shape[1] - body + body // 2
     # Only the positions that predict the second half are unembedded: half the logits.
-    logits = unembed(ck.weights, ck.repeated.final[:, second_half - 1 : -1])
-    return next_token_losses(logits, repeated[:, second_half:]).mean()
+    return unembedded_losses(ck.weights, ck.repeated.final[:, second_half - 1 : -1], repeated[:, second_half:]).mean()
