@@ -24,7 +24,7 @@ import pytest
 
 from jaxinduct.cli import main as cli_main
 from jaxinduct.scores.probes import ProbeConfig, make_probes
-from jaxinduct.engine.loader import resolve_load_workers
+from jaxinduct.engine.loader import RestoreGate, prefetched, resolve_load_workers, restores_needed
 from jaxinduct.engine.scan import ScanConfig as ScanOptions, resolve_per_pass, scan
 from jaxinduct.engine.watch import watch
 from jaxinduct.parallel import parse_mesh
@@ -440,6 +440,38 @@ def test_cpu_and_accelerator_defaults_for_restore_threads_and_checkpoints_per_pa
     gpu = types.SimpleNamespace(devices=np.array([Accelerator()], dtype=object))
     assert resolve_load_workers(None, gpu) == 4
     assert resolve_per_pass("auto", gpu) is None
+
+
+def test_concurrent_restores_follow_the_measured_times():
+    # A batch of 8 rows must be restored within one batch's compute.
+    assert restores_needed(8, restore_seconds=1.0, compute_seconds=2.0, cap=4) == 4
+    assert restores_needed(8, restore_seconds=0.5, compute_seconds=2.0, cap=4) == 2
+    assert restores_needed(8, restore_seconds=0.1, compute_seconds=2.0, cap=4) == 1
+    assert restores_needed(8, restore_seconds=0.0, compute_seconds=2.0, cap=4) == 4  # nothing measured yet
+
+    class SlowSource:
+        running = peak = 0
+        lock = threading.Lock()
+
+        def load(self, step):
+            with self.lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            time.sleep(0.02)
+            with self.lock:
+                self.running -= 1
+            return step
+
+    source = SlowSource()
+    gate = RestoreGate(4)
+    got = []
+    for index, (steps, restored) in enumerate(prefetched(source, [[0, 1, 2, 3]] * 4, range(4), 4, gate)):
+        got += [restored[r].checkpoint for r in range(4)]
+        gate.set_limit(1)  # one at a time from here (the next batch may already have started)
+        if index == 1:  # batches 2 and 3 were submitted under the limit of 1
+            source.peak = 0
+    assert got == [0, 1, 2, 3] * 4
+    assert source.peak == 1
 
 
 def test_step_selection():

@@ -10,7 +10,9 @@ its own devices (`jaxinduct.parallel.local_rows`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,18 +66,67 @@ def resolve_load_workers(load_workers: int | None, mesh: Mesh) -> int:
     return load_workers
 
 
+class RestoreGate:
+    """How many restores may run at once, adjustable while they run (the engine sets it
+    from measured restore and compute times: `restores_needed`)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._active = max(1, limit), 0
+        self._changed = threading.Condition()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, limit: int) -> None:
+        with self._changed:
+            self._limit = max(1, limit)
+            self._changed.notify_all()
+
+    def run(self, source: CheckpointSource, step: int) -> Restored:
+        with self._changed:
+            self._changed.wait_for(lambda: self._active < self._limit)
+            self._active += 1
+        try:
+            return restore(source, step)
+        finally:
+            with self._changed:
+                self._active -= 1
+                self._changed.notify_all()
+
+
+def restores_needed(rows: int, restore_seconds: float, compute_seconds: float, cap: int) -> int:
+    """Concurrent restores that keep up with the compute: a batch's rows must be restored
+    within one batch's compute, so ceil(rows x restore time / compute time), in [1, cap].
+
+    More would only take cores (on the CPU backend) or bandwidth from the computation;
+    fewer would leave it waiting. One batch ahead is then enough: when restores keep up,
+    the next batch is ready when the current one is done, and when they cannot (cap
+    reached), no deeper queue makes the average rate higher.
+    """
+    if compute_seconds <= 0 or restore_seconds <= 0:
+        return cap
+    return max(1, min(cap, math.ceil(rows * restore_seconds / compute_seconds)))
+
+
 def prefetched(
-    source: CheckpointSource, steps_by_batch: Sequence[list[int]], rows: Sequence[int], workers: int
+    source: CheckpointSource,
+    steps_by_batch: Sequence[list[int]],
+    rows: Sequence[int],
+    workers: int,
+    gate: RestoreGate | None = None,
 ) -> Iterator[tuple[list[int], dict[int, Restored]]]:
     """Each batch's steps with this process's restored rows (row -> Restored), in order.
 
     ``rows``: the rows of a batch this process restores; a short last batch leaves some
-    empty. The next batch's restores start before this batch is handed over.
+    empty. The next batch's restores start before this batch is handed over. ``workers``
+    threads at most; ``gate`` limits how many restore at once (default: all of them).
     """
+    gate = gate or RestoreGate(workers)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="restore") as pool:
 
         def submit(steps: list[int]) -> dict[int, Future[Restored]]:
-            return {r: pool.submit(restore, source, steps[r]) for r in rows if r < len(steps)}
+            return {r: pool.submit(gate.run, source, steps[r]) for r in rows if r < len(steps)}
 
         pending = submit(steps_by_batch[0]) if steps_by_batch else {}
         for index, steps in enumerate(steps_by_batch):

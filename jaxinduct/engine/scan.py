@@ -39,7 +39,14 @@ from jaxinduct import parallel
 from jaxinduct.checkpoints import CheckpointSource, open_source
 from jaxinduct.checkpoints.selection import ALL_STEPS, StepSelection
 from jaxinduct.engine import compile_cache
-from jaxinduct.engine.loader import LOAD_WORKERS_DEFAULT, batches, prefetched, resolve_load_workers
+from jaxinduct.engine.loader import (
+    LOAD_WORKERS_DEFAULT,
+    RestoreGate,
+    batches,
+    prefetched,
+    resolve_load_workers,
+    restores_needed,
+)
 from jaxinduct.errors import JaxInductError
 from jaxinduct.flags import NO_PREFIX, CommaSeparated, PerPass, SourcePath, StepsFlag, comma_separated, default_is, one_word
 from jaxinduct.model.weights import ModelSpec, zero_weights
@@ -90,7 +97,7 @@ class ScanConfig:
     """device mesh"""
     probe: Annotated[ProbeConfig, NO_PREFIX] = ProbeConfig()
     load_workers: Annotated[int | None, default_is(LOAD_WORKERS_DEFAULT)] = None
-    """threads restoring checkpoints"""
+    """threads restoring checkpoints, at most (how many run at once follows measured restore and compute times)"""
     per_pass: PerPass = "auto"
     """checkpoints computed at once in a batch's compiled pass: N, all, or auto (1 on CPU, all elsewhere)"""
     # auto: on CPU, vmapping small per-checkpoint matmuls is slower than one at a time
@@ -322,8 +329,9 @@ def _run_batches(
     started = time.perf_counter()
     workers = resolve_load_workers(options.load_workers, plan.mesh)
     program: ScoreProgram | None = None
+    gate = RestoreGate(workers)  # concurrent restores: from measured times after each batch
     batch_start = time.perf_counter()
-    for steps, restored in prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers):
+    for steps, restored in prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers, gate):
         loaded = {r: got.checkpoint for r, got in restored.items() if got.checkpoint is not None}
         local = [loaded[r].weights if r in loaded else padding for r in rows]
         ok = parallel.gather_flags(np.array([r in loaded for r in rows], bool), plan.batch)
@@ -337,6 +345,9 @@ def _run_batches(
         # Rows without a checkpoint (padding, failed restores) are skipped, not scored.
         results = parallel.gather_results(program(placed, ok))
         compute = time.perf_counter() - compute_start
+        restore_times = [got.seconds for got in restored.values()]
+        if restore_times:
+            gate.set_limit(restores_needed(len(rows), sum(restore_times) / len(restore_times), compute, workers))
         records, failures = [], []
         for row, step in enumerate(steps):
             got = restored.get(row)
