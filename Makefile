@@ -25,6 +25,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
+	$(BIN)/jaxinduct bench --shape pythia-70m --examples 64
 	$(BIN)/python bench/quickstart_phase_change.py
 	$(BIN)/python bench/score_throughput.py
 	$(BIN)/python bench/scan_throughput.py

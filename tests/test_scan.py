@@ -485,3 +485,23 @@ def test_step_selection():
     for bad in ("", "x", "1:2:0", "every:0", "10"):
         with pytest.raises(Exception):
             select_steps(bad, available)
+
+
+def test_a_second_scan_process_loads_the_program_from_the_persistent_cache(tmp_path):
+    # Two `jaxinduct scan` processes (one CPU device each, as a user's) of the same shape:
+    # the first compiles and writes JAX's cache, the second loads the program from it.
+    trajectory = tmp_path / "traj"
+    write_trajectory(trajectory, steps=(0, 10))
+    env = {**os.environ, "JAXINDUCT_COMPILATION_CACHE": str(tmp_path / "cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+    outputs = []
+    for store in ("a.sqlite", "b.sqlite"):
+        command = [sys.executable, "-m", "jaxinduct", "scan", str(trajectory), "--store", str(tmp_path / store),
+                   "--no-progress", *PROBE_ARGS]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+    assert "from the compilation cache" not in outputs[0]
+    assert "from the compilation cache" in outputs[1]
+    assert any((tmp_path / "cache").iterdir())
+    assert table_rows(tmp_path / "a.sqlite") == table_rows(tmp_path / "b.sqlite")  # the same program: bitwise

@@ -151,6 +151,7 @@ class ScanSummary:
     failed: int = 0
     seconds: float = 0.0
     compile_seconds: float = 0.0  # compiling the scan program (0: this process had compiled it)
+    compiled_from_disk: bool = False  # the program came from JAX's persistent compilation cache
     failures: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     # Wall time of each batch, compile excluded: from the previous batch's end (waiting for
     # its restores included) to this one's results stored.
@@ -166,6 +167,7 @@ class ScanSummary:
             computing = self.seconds - self.compile_seconds
             rate = (self.scanned + self.failed) / computing if computing > 0 else float("nan")
             compiled = "compiled before" if self.compile_seconds == 0 else f"compile {self.compile_seconds:.1f} s"
+            compiled += " from the compilation cache" if self.compiled_from_disk else ""
             lines.append(f"{self.seconds:.1f} s ({compiled}, then {rate:.2f} checkpoints/s)")
         else:
             lines.append("nothing to scan: every selected checkpoint is already in the store")
@@ -340,7 +342,7 @@ def _run_batches(
             program = compile_score_all(
                 placed, plan.probes, mesh=plan.mesh, scores=options.scores, checkpoints_per_pass=per_pass, valid=ok
             )
-            summary.compile_seconds = program.compile_seconds
+            summary.compile_seconds, summary.compiled_from_disk = program.compile_seconds, program.from_disk
         compute_start = time.perf_counter()
         # Rows without a checkpoint (padding, failed restores) are skipped, not scored.
         results = parallel.gather_results(program(placed, ok))

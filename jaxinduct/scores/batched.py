@@ -538,6 +538,7 @@ class ScoreProgram:
     n_checkpoints: int
     takes_valid: bool
     compile_seconds: float  # 0 when taken from this process's memo of compiled programs
+    from_disk: bool = False  # loaded from JAX's persistent compilation cache, not compiled
 
     def __call__(self, weights: Weights, valid: Bool[Array, " ckpt"] | np.ndarray | None = None) -> ScoreResults:
         if (valid is not None) != self.takes_valid:
@@ -546,6 +547,9 @@ class ScoreProgram:
             valid = place_flags(valid, self.n_checkpoints, self.parallel)
         return self.compiled(weights, self.probes, valid)
 
+
+# The event JAX records when a program comes from its persistent compilation cache.
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 # Compiled programs by everything that selects one (argument shapes, dtypes and shardings,
 # static options): a `watch` poll or repeated scan of the same shape in one process reuses
@@ -580,10 +584,17 @@ def compile_score_all(
     )
     if key in _PROGRAMS:  # the same program; these probes' values (the key holds only their shapes)
         return dataclasses.replace(_PROGRAMS[key], probes=plan.arguments[1], compile_seconds=0.0)
-    start = time.perf_counter()
-    compiled = plan.program.lower(*plan.arguments, **plan.static).compile()
+    hits: list[str] = []
+    listener = lambda event, **_: hits.append(event) if event == _CACHE_HIT else None  # noqa: E731
+    jax.monitoring.register_event_listener(listener)
+    try:
+        start = time.perf_counter()
+        compiled = plan.program.lower(*plan.arguments, **plan.static).compile()
+        seconds = time.perf_counter() - start
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
     program = ScoreProgram(
-        compiled, plan.arguments[1], plan.parallel, weights.W_E.shape[0], valid is not None, time.perf_counter() - start
+        compiled, plan.arguments[1], plan.parallel, weights.W_E.shape[0], valid is not None, seconds, bool(hits)
     )
     _PROGRAMS[key] = program
     while len(_PROGRAMS) > _PROGRAMS_KEPT:
