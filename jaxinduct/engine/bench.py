@@ -374,7 +374,8 @@ def render(report: dict[str, Any]) -> str:
             f"{p['eigenproblems_per_checkpoint']:9.0f} {p['compile_seconds']:9.1f}{' (cache)' if p['compiled_from_disk'] else ''}"
         )
     lines.append("(FLOPs: matrix products only; bytes: what each compiled unit reads and writes; both counted from "
-                 "the compiled program, loops multiplied out. Parts share work, so they do not add up. "
+                 "the compiled program, loops multiplied out; the bytes assume nothing stays in cache, so their share "
+                 "can pass 100%. Parts share work, so they do not add up. "
                  "(cache): loaded from JAX's persistent compilation cache.)")  # fmt: skip
     engine = report["engine"]
     if engine is not None:
