@@ -25,6 +25,7 @@ from jaxinduct.scores.batched import (
     ProbeArrays,
     _checkpoint_scores,
     _score_all,
+    compile_score_all,
     score_all,
 )
 from jaxinduct.scores.probes import ProbeConfig, make_probes
@@ -257,3 +258,23 @@ def test_the_vocabulary_sized_products_are_computed_once_per_checkpoint():
     # kind (inside the pair loop, W_E^T W_E would count once per source layer: 4 times here).
     assert product < compiled_flops(spec, pairs) < base + 1.3 * product
     assert 2 * product < compiled_flops(spec, [*pairs, registry.get("ov_copying")]) < base + 2.3 * product
+
+
+def test_from_the_compiled_program_weights_only_runs_no_forward_and_patterns_no_logits():
+    # A model whose probe forwards dominate, so the counts below cannot hide one.
+    spec = ModelSpec(d_vocab=64, d_model=32, n_layers=2, n_heads=2, d_head=16, n_ctx=64, d_mlp=128, bos_token_id=0)
+    config = ProbeConfig(n_examples=16, block_len=10, n_repeats=3)
+    s, d, h, e, m = 1 + 10 * 3, spec.d_model, spec.n_heads, spec.d_head, spec.d_mlp
+    # One forward over the repeated probe, by hand: Q, K, V, scores, pattern x V, W_O, MLP in and out.
+    per_layer = 3 * 2 * s * d * h * e + 2 * 2 * h * s * s * e + 2 * s * h * e * d + 2 * 2 * s * d * m
+    forward = config.n_examples * spec.n_layers * per_layer
+    stacked = stack_weights([init_random_weights(spec, 0)])
+    probes = make_probes(spec, config)
+
+    def flops(names):
+        return compiled_cost(compile_score_all(stacked, probes, checkpoints_per_pass=1, scores=names).compiled).flops
+
+    assert flops(["ov_copying", "q_composition", "k_composition", "v_composition"]) < 0.1 * forward
+    assert flops(["prefix_matching"]) == pytest.approx(forward, rel=0.01)  # patterns: no unembedding
+    logits = config.n_examples * (s - 1 - (10 * 3) // 2) * 2 * d * spec.d_vocab  # induction_loss unembeds half
+    assert flops(["prefix_matching", "induction_loss"]) == pytest.approx(forward + logits, rel=0.05)
