@@ -8,15 +8,19 @@ write_batch as the engine commits them, into a fresh store. Then reads back ever
 score and every pair score of the run. Values are random; NaN where a scan leaves them
 undefined, so the row counts are a scan's.
 
+Side by side, the pair scores as schema 1 stored them (one SQLite row per value, in a
+WITHOUT ROWID table keyed as it was), written to a scratch file the same way, one
+transaction per checkpoint.
+
 Usage: python bench/store.py [--shapes pythia-70m pythia-410m pythia-1.4b] [--checkpoints 3]
        [--curve-length 0]
-Issue 14 asks for at most 5 MB and 100 ms per Pythia-1.4B-shaped checkpoint; this script
-measures today's schema (one SQLite row per value) so a new one can be compared with it.
+Issue 14 asks for at most 5 MB and 100 ms per Pythia-1.4B-shaped checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 import tempfile
 import time
@@ -36,9 +40,11 @@ def synthetic_scores(layers: int, heads: int, step: int, curve_length: int, rng:
     """Every registered score of one checkpoint of a layers x heads model, as a scan leaves it."""
     forward = np.arange(layers)[:, None, None, None] < np.arange(layers)[None, None, :, None]
     forward = np.broadcast_to(forward, (layers, heads, layers, heads))
-    head = {s.name: rng.random((layers, heads)) for s in registry.scores(Kind.HEAD)}
-    pair = {s.name: np.where(forward, rng.random(forward.shape), np.nan) for s in registry.scores(Kind.PAIR)}
-    model = {s.name: float(rng.random()) for s in registry.scores(Kind.MODEL)}
+    # float32 values, as the scan program computes them
+    head = {s.name: rng.random((layers, heads), np.float32) for s in registry.scores(Kind.HEAD)}
+    pair = {s.name: np.where(forward, rng.random(forward.shape, np.float32), np.float32(np.nan))
+            for s in registry.scores(Kind.PAIR)}  # fmt: skip
+    model = {s.name: float(rng.random(dtype=np.float32)) for s in registry.scores(Kind.MODEL)}
     curve = {}
     if curve_length:
         curve = {s.name: rng.random(curve_length).astype(np.float32) for s in registry.scores(Kind.CURVE)}
@@ -47,6 +53,35 @@ def synthetic_scores(layers: int, heads: int, step: int, curve_length: int, rng:
         model = {name: value for name, value in model.items() if name != "icl_score"}
         head = {name: value for name, value in head.items() if not name.startswith("ablation_")}
     return CheckpointScores(step=step, tokens_seen=step * 2048, seconds=1.0, head=head, pair=pair, model=model, curve=curve)
+
+
+_V1_PAIRS = """CREATE TABLE pair_scores (
+    run TEXT NOT NULL, step INTEGER NOT NULL, probe_hash TEXT NOT NULL, kind TEXT NOT NULL,
+    src_layer INTEGER NOT NULL, src_head INTEGER NOT NULL, dst_layer INTEGER NOT NULL, dst_head INTEGER NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (run, probe_hash, step, kind, src_layer, src_head, dst_layer, dst_head)
+) WITHOUT ROWID"""
+
+
+def measure_v1_pairs(batches: list[CheckpointScores], path: Path) -> dict[str, float]:
+    """Schema 1's pair rows: bytes and write time per checkpoint (the other tables are unchanged)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(_V1_PAIRS)
+    writes = []
+    for scores in batches:
+        start = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        for kind, array in scores.pair.items():
+            index = np.nonzero(~np.isnan(array))
+            rows = zip(*(np.broadcast_to(v, len(index[0])).tolist() for v in ("bench", "p" * 16, scores.step, kind)),
+                       *(axis.tolist() for axis in index), array[index].tolist())  # fmt: skip
+            conn.executemany("INSERT INTO pair_scores (run, probe_hash, step, kind, src_layer, src_head, dst_layer, "
+                             "dst_head, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)  # fmt: skip
+        conn.execute("COMMIT")
+        writes.append(time.perf_counter() - start)
+    conn.close()
+    return {"bytes": path.stat().st_size / len(batches), "write_ms": 1000 * float(np.median(writes))}
 
 
 def measure(shape: str, n: int, curve_length: int) -> dict[str, float]:
@@ -69,9 +104,11 @@ def measure(shape: str, n: int, curve_length: int) -> dict[str, float]:
             heads_read = store.head_scores("bench")
             pairs_read = store.pair_scores("bench")
             read = time.perf_counter() - start
+        v1 = measure_v1_pairs(batches, Path(tmp) / "v1_pairs.sqlite")
     return {
         "heads": layers * heads, "rows": (len(heads_read) + len(pairs_read)) / n, "bytes": size / n,
         "write_ms": 1000 * float(np.median(writes)), "read_ms": 1000 * read / n,
+        "v1_pair_bytes": v1["bytes"], "v1_pair_write_ms": v1["write_ms"],
     }  # fmt: skip
 
 
@@ -81,12 +118,15 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=3)
     parser.add_argument("--curve-length", type=int, default=0, help="dataset sequence length (0: no dataset scores)")
     args = parser.parse_args()
-    print(f"today's schema (one row per value), {args.checkpoints} checkpoints per shape, curves of "
-          f"{args.curve_length or 'no'} positions; per checkpoint:")  # fmt: skip
-    print(f"{'shape':14s} {'heads':>6s} {'score rows':>11s} {'MB':>8s} {'write ms':>9s} {'read ms':>8s}")
+    print(f"{args.checkpoints} checkpoints per shape, every score, curves of {args.curve_length or 'no'} positions; "
+          "per checkpoint:")  # fmt: skip
+    print(f"{'':14s} {'':>6s} {'':>11s} {'store (pairs packed)':>28s} {'schema 1 pair rows alone':>26s}")
+    print(f"{'shape':14s} {'heads':>6s} {'score values':>12s} {'MB':>8s} {'write ms':>9s} {'read ms':>8s} "
+          f"{'MB':>10s} {'write ms':>12s}")  # fmt: skip
     for shape in args.shapes:
         m = measure(shape, args.checkpoints, args.curve_length)
-        print(f"{shape:14s} {m['heads']:6d} {m['rows']:11.0f} {m['bytes'] / 1e6:8.2f} {m['write_ms']:9.0f} {m['read_ms']:8.0f}")
+        print(f"{shape:14s} {m['heads']:6d} {m['rows']:12.0f} {m['bytes'] / 1e6:8.2f} {m['write_ms']:9.0f} "
+              f"{m['read_ms']:8.0f} {m['v1_pair_bytes'] / 1e6:10.2f} {m['v1_pair_write_ms']:12.0f}")  # fmt: skip
     print("issue 14 targets for a Pythia-1.4B-shaped checkpoint: at most 5 MB and 100 ms to write")
 
 

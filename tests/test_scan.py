@@ -74,8 +74,17 @@ def table_rows(path):
     """Every row of every score table, sorted: a canonical dump to compare stores."""
     with sqlite3.connect(path) as conn:
         dump = {}
-        for table in ("head_scores", "pair_scores", "model_scores"):
+        for table in ("head_scores", "model_scores"):
             dump[table] = sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
+        # Pair scores are packed one array per (checkpoint, kind): one row per defined value here.
+        dump["pair_scores"] = sorted(
+            (run, step, probe_hash, kind, *map(int, index), float(values[index]))
+            for run, step, probe_hash, kind, layers, heads, dtype, packed in conn.execute(
+                "SELECT run, step, probe_hash, kind, layers, heads, dtype, packed FROM pair_arrays"
+            )
+            for values in [np.frombuffer(packed, dtype).reshape(layers, heads, layers, heads)]
+            for index in zip(*np.nonzero(~np.isnan(values)))
+        )
         dump["curves"] = sorted(conn.execute("SELECT run, step, probe_hash, metric, layer, head, values_f32 FROM curves"))
         dump["checkpoints"] = sorted(conn.execute("SELECT run, step, probe_hash, status FROM checkpoints"))
     return dump

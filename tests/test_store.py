@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -68,9 +69,20 @@ def toy_scores(step: int, scale: float = 1.0) -> CheckpointScores:
 
 
 def table_counts(path: Path) -> dict[str, int]:
+    """Rows per table; for pair_scores, the defined (non-NaN) values of the packed pair arrays."""
     with sqlite3.connect(path) as conn:
-        tables = ("checkpoints", "head_scores", "pair_scores", "model_scores", "curves")
-        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+        tables = ("checkpoints", "head_scores", "model_scores", "curves")
+        counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+        counts["pair_scores"] = sum(pair_values_by_step(conn).values())
+        return counts
+
+
+def pair_values_by_step(conn: sqlite3.Connection) -> dict[int, int]:
+    """Defined values of the packed pair arrays per step, read with plain sqlite3 and numpy."""
+    counts: dict[int, int] = {}
+    for step, dtype, packed in conn.execute("SELECT step, dtype, packed FROM pair_arrays"):
+        counts[step] = counts.get(step, 0) + int(np.count_nonzero(~np.isnan(np.frombuffer(packed, dtype))))
+    return counts
 
 
 # Rows one toy checkpoint yields, counted by hand from toy_scores.
@@ -307,7 +319,10 @@ def check_complete(path: Path) -> set[int]:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
         for table, n in WRITER_ROWS.items():
-            counts = dict(conn.execute(f"SELECT step, count(*) FROM {table} GROUP BY step"))
+            if table == "pair_scores":
+                counts = pair_values_by_step(conn)
+            else:
+                counts = dict(conn.execute(f"SELECT step, count(*) FROM {table} GROUP BY step"))
             assert counts == dict.fromkeys(done, n), table
         values = conn.execute("SELECT DISTINCT value - step FROM head_scores UNION SELECT value - step FROM model_scores")
         assert values.fetchall() == [(0.5,)]
@@ -525,3 +540,89 @@ def test_parquet_without_pyarrow_is_a_clear_error(two_run_store, tmp_path, monke
 def test_the_store_does_not_import_jax():
     code = "import sys, jaxinduct.results.store; assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib')]"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+# --- packed pair scores and the migration from schema version 1 ---------------------------------
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "store_schema_v1.sqlite"
+
+
+def test_packed_pair_scores_read_back_equal_to_what_was_written(tmp_path):
+    rng = np.random.default_rng(1)
+    forward = np.broadcast_to(np.arange(4)[:, None, None, None] < np.arange(4)[None, None, :, None], (4, 3, 4, 3))
+    written = {
+        "q_composition": np.where(forward, rng.random((4, 3, 4, 3)).astype(np.float32), np.nan),
+        "k_composition": np.where(forward, rng.random((4, 3, 4, 3)), np.nan),  # float64 values: kept exactly
+    }
+    with ResultStore.open(tmp_path / "s.sqlite") as store:
+        store.ensure_run(RUN, "src", "{}")
+        store.record_probe_config(HASH, "{}")
+        store.write_batch(RUN, HASH, [CheckpointScores(step=5, pair=written)])
+        rows = store.pair_scores(RUN)
+        streamed = [r for chunk in store.score_rows("pair_scores", ["step", "kind", "src_layer", "src_head",
+                                                                   "dst_layer", "dst_head", "value"], RUN, HASH)
+                    for r in chunk]  # fmt: skip
+    for kind, array in written.items():
+        mine = rows[rows["kind"] == kind]
+        expected = np.argwhere(forward)  # C order: the key order readers promise
+        np.testing.assert_array_equal(np.stack([mine[a] for a in ("src_layer", "src_head", "dst_layer", "dst_head")], 1), expected)
+        np.testing.assert_array_equal(mine["value"], np.asarray(array, np.float64)[forward])
+        assert (mine["step"] == 5).all()
+    assert streamed == [tuple(r) for r in rows.tolist()]
+    with sqlite3.connect(tmp_path / "s.sqlite") as conn:
+        assert dict(conn.execute("SELECT kind, dtype FROM pair_arrays")) == {"q_composition": "<f4", "k_composition": "<f8"}
+
+
+def v1_rows(path: Path) -> dict[str, list[tuple]]:
+    """Every score row of a schema-1 store, read with plain sqlite3 (pairs one row per value)."""
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        return {
+            "pairs": sorted(conn.execute("SELECT probe_hash, step, kind, src_layer, src_head, dst_layer, dst_head, value "
+                                         "FROM pair_scores")),  # fmt: skip
+            "heads": sorted(conn.execute("SELECT * FROM head_scores")),
+            "models": sorted(conn.execute("SELECT * FROM model_scores")),
+            "curves": sorted(conn.execute("SELECT * FROM curves")),
+            "checkpoints": sorted(conn.execute("SELECT run, step, probe_hash, status, error, tokens_seen FROM checkpoints")),
+        }
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_schema_1_store_migrates_in_place_value_for_value(tmp_path, readonly):
+    path = tmp_path / "old.sqlite"
+    shutil.copy(FIXTURE_V1, path)
+    before = v1_rows(path)
+    assert len(before["pairs"]) > 0 and any(r[-1] == 0.1 for r in before["pairs"])  # a float64-only value too
+    with ResultStore.open(path, readonly=readonly) as store:
+        migrated = [
+            (probe_hash, *row) for probe_hash in sorted(store.probe_hashes("toy"))
+            for row in store.pair_scores("toy", probe_hash=probe_hash).tolist()
+        ]  # fmt: skip
+    assert sorted(migrated) == before["pairs"]  # every value, bit for bit
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'pair_scores'").fetchone()[0] == 0
+        assert sorted(conn.execute("SELECT * FROM head_scores")) == before["heads"]
+        assert sorted(conn.execute("SELECT * FROM model_scores")) == before["models"]
+        assert sorted(conn.execute("SELECT * FROM curves")) == before["curves"]
+        assert sorted(conn.execute("SELECT run, step, probe_hash, status, error, tokens_seen FROM checkpoints")) == before["checkpoints"]
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    with ResultStore.open(path) as store:  # opening again changes nothing
+        assert store.done_steps("toy", "a" * 16) == {0, 100, 200}
+
+
+def test_a_schema_1_store_that_cannot_be_written_is_refused_unchanged(tmp_path):
+    path = tmp_path / "old.sqlite"
+    shutil.copy(FIXTURE_V1, path)
+    path.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("running as a user who can write read-only files (root)")
+        with pytest.raises(StoreError, match="migrated once where it can be written|cannot migrate"):
+            ResultStore.open(path, readonly=True)
+        assert v1_rows(path)["pairs"]
+    finally:
+        tmp_path.chmod(0o755)
+        path.chmod(0o644)

@@ -14,15 +14,21 @@ version and ``application_id`` = ``APPLICATION_ID`` mark a jaxinduct store)::
                                                       (AUTOINCREMENT) is the write order
     head_scores   (run, step, probe_hash, metric, layer, head, value)
                   PK (run, probe_hash, step, metric, layer, head)
-    pair_scores   (run, step, probe_hash, kind, src_layer, src_head, dst_layer, dst_head, value)
-                  PK (run, probe_hash, step, kind, src_layer, src_head, dst_layer, dst_head)
+    pair_arrays   (run, step, probe_hash, kind, layers, heads, dtype, packed)
+                  UNIQUE (run, probe_hash, step, kind); packed is the [src_layer, src_head,
+                  dst_layer, dst_head] array, NaN where undefined, little-endian float32
+                  ('<f4') or float64 ('<f8') when float32 cannot hold every value exactly
     model_scores  (run, step, probe_hash, metric, value)  PK (run, probe_hash, step, metric)
     curves        (run, step, probe_hash, metric, layer, head, length, values_f32)
                   PK (run, probe_hash, step, metric, layer, head); layer = head = -1 for a
                   model-level curve; values_f32 is little-endian float32, NaN kept inside
 
 Score rows reference their ``checkpoints`` row (foreign key), and only checkpoints with
-status ``done`` have score rows. NaN means "not defined for this head/model", so no row
+status ``done`` have score rows. Pair scores are packed, one array per (checkpoint, kind):
+a Pythia-1.4B-shaped checkpoint's 424k pair values take 3.5 MB there instead of 31 MB as
+rows (bench/store.py); readers (``pair_scores``, ``score_rows``, ``export``) still give one
+record per defined pair. A store of schema version 1 (pairs as rows) is migrated in place,
+value for value, the first time it is opened. NaN means "not defined for this head/model", so no row
 is stored for it; readers give NaN back for a missing row where they return dense arrays.
 A checkpoint is identified by (run, step, probe hash): scanning again with other probes
 adds results beside the old ones, and readers and ``export`` use a run's latest probe
@@ -74,7 +80,9 @@ from numpy.typing import ArrayLike
 from jaxinduct import __version__
 from jaxinduct.errors import JaxInductError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions an open migrates in place (one transaction): 1 stored one row per pair value.
+_MIGRATES_FROM = (1,)
 APPLICATION_ID = 0x4A494E44  # b"JIND" in the SQLite header: marks a jaxinduct store
 BUSY_TIMEOUT_MS = 60_000  # how long a reader waits out the writer's commit (and vice versa)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -177,19 +185,22 @@ _SCHEMA = (
         PRIMARY KEY (run, probe_hash, step, metric, layer, head),
         FOREIGN KEY (run, probe_hash, step) REFERENCES checkpoints(run, probe_hash, step)
     ) WITHOUT ROWID""",
-    """CREATE TABLE pair_scores (
+    # One packed array per (checkpoint, kind): [src_layer, src_head, dst_layer, dst_head], NaN
+    # where undefined, little-endian float32 ('<f4', what a scan writes) or float64 ('<f8', for
+    # values float32 cannot hold exactly). A rowid table: WITHOUT ROWID suits small rows only.
+    """CREATE TABLE pair_arrays (
         run TEXT NOT NULL,
         step INTEGER NOT NULL,
         probe_hash TEXT NOT NULL,
         kind TEXT NOT NULL,
-        src_layer INTEGER NOT NULL,
-        src_head INTEGER NOT NULL,
-        dst_layer INTEGER NOT NULL,
-        dst_head INTEGER NOT NULL,
-        value REAL NOT NULL,
-        PRIMARY KEY (run, probe_hash, step, kind, src_layer, src_head, dst_layer, dst_head),
+        layers INTEGER NOT NULL CHECK (layers > 0),
+        heads INTEGER NOT NULL CHECK (heads > 0),
+        dtype TEXT NOT NULL CHECK (dtype IN ('<f4', '<f8')),
+        packed BLOB NOT NULL
+            CHECK (length(packed) = (CASE dtype WHEN '<f4' THEN 4 ELSE 8 END) * layers * heads * layers * heads),
+        UNIQUE (run, probe_hash, step, kind),
         FOREIGN KEY (run, probe_hash, step) REFERENCES checkpoints(run, probe_hash, step)
-    ) WITHOUT ROWID""",
+    )""",
     """CREATE TABLE model_scores (
         run TEXT NOT NULL,
         step INTEGER NOT NULL,
@@ -212,8 +223,9 @@ _SCHEMA = (
         FOREIGN KEY (run, probe_hash, step) REFERENCES checkpoints(run, probe_hash, step)
     ) WITHOUT ROWID""",
 )
-_SCORE_TABLES = ("head_scores", "pair_scores", "model_scores", "curves")
-# Each score table's key after (run, probe_hash): the order its rows are read in.
+_SCORE_TABLES = ("head_scores", "pair_arrays", "model_scores", "curves")
+# Each score table's key after (run, probe_hash): the order its rows are read in. pair_scores
+# is read from the packed pair_arrays, one row per defined value, in the same order.
 _SCORE_KEYS: dict[str, tuple[str, ...]] = {
     "head_scores": ("step", "metric", "layer", "head"),
     "pair_scores": ("step", "kind", "src_layer", "src_head", "dst_layer", "dst_head"),
@@ -247,11 +259,16 @@ def _not_a_store(path: Path, why: str) -> StoreError:
     )
 
 
-def _check_identity(path: Path, application_id: int, user_version: int) -> None:
+def _check_identity(path: Path, application_id: int, user_version: int, *, migratable: bool = False) -> None:
     if application_id != APPLICATION_ID:
         raise _not_a_store(path, f"SQLite file with application_id {application_id:#x}, schema version {user_version}")
-    if user_version != SCHEMA_VERSION:
+    if user_version != SCHEMA_VERSION and not (migratable and user_version in _MIGRATES_FROM):
         raise StoreError(_version_fix(path, user_version))
+
+
+def _header_version(path: Path) -> int:
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(100)[60:64], "big", signed=True)
 
 
 def _check_header(path: Path) -> bool:
@@ -272,7 +289,7 @@ def _check_header(path: Path) -> bool:
         raise _not_a_store(path, "not an SQLite file")
     user_version = int.from_bytes(header[60:64], "big", signed=True)
     application_id = int.from_bytes(header[68:72], "big", signed=True)
-    _check_identity(path, application_id, user_version)
+    _check_identity(path, application_id, user_version, migratable=True)
     return False
 
 
@@ -328,6 +345,60 @@ def _initialize(conn: sqlite3.Connection) -> None:
         raise
 
 
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring a store of an older schema (`_MIGRATES_FROM`) to this one, in one transaction.
+
+    Version 1 -> 2: each (checkpoint, kind)'s pair_scores rows become one packed array of
+    pair_arrays (the model's layers and heads from its run's spec), float32 where every
+    value is a float32 (as every scan wrote them), float64 otherwise: value for value the
+    same. A crash leaves version 1 whole; the next writable open migrates again.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]  # under the lock: maybe migrated meanwhile
+        if version == 1:
+            conn.execute(next(statement for statement in _SCHEMA if "TABLE pair_arrays" in statement))
+            sizes = {name: json.loads(spec) for name, spec in conn.execute("SELECT name, spec FROM runs")}
+            groups = conn.execute(
+                "SELECT run, probe_hash, step, kind, max(src_layer), max(dst_layer), max(src_head), max(dst_head) "
+                "FROM pair_scores GROUP BY run, probe_hash, step, kind"
+            ).fetchall()
+            for run, probe_hash, step, kind, *extent in groups:
+                spec = sizes.get(run, {})
+                layers = int(spec.get("n_layers", max(extent[0], extent[1]) + 1))
+                heads = int(spec.get("n_heads", max(extent[2], extent[3]) + 1))
+                array = np.full((layers, heads, layers, heads), np.nan)
+                rows = conn.execute(
+                    "SELECT src_layer, src_head, dst_layer, dst_head, value FROM pair_scores "
+                    "WHERE run = ? AND probe_hash = ? AND step = ? AND kind = ?",
+                    (run, probe_hash, step, kind),
+                ).fetchall()
+                index = np.array([row[:4] for row in rows], dtype=np.int64).T
+                array[tuple(index)] = [row[4] for row in rows]
+                conn.execute(
+                    "INSERT INTO pair_arrays (run, probe_hash, step, kind, layers, heads, dtype, packed) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run, probe_hash, step, kind, layers, heads, *_packed(array)),
+                )
+            conn.execute("DROP TABLE pair_scores")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("migrated_from_1", _now_iso()))
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except sqlite3.Error as e:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise StoreError(f"{path}: cannot migrate the results store to schema version {SCHEMA_VERSION} ({e}); "
+                         "it was left unchanged. Fix: check free disk space and the file's permissions.") from e
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    try:
+        conn.execute("VACUUM")  # give the row table's pages back: the file shrinks to the packed size
+    except sqlite3.Error:
+        pass  # migrated all the same; the file keeps its free pages (no room to rewrite it now)
+
+
 def _environmental(error: sqlite3.Error) -> bool:
     """An error of the file's surroundings (lock, disk, permissions), not of the code."""
     name = getattr(error, "sqlite_errorname", "")
@@ -378,11 +449,51 @@ def _head_rows(run: str, probe_hash: str, batch: Sequence[CheckpointScores]) -> 
             yield from zip(repeat(run), repeat(probe_hash), repeat(scores.step), repeat(metric), layer, head, values)
 
 
-def _pair_rows(run: str, probe_hash: str, batch: Sequence[CheckpointScores]) -> Iterator[tuple]:
+def _packed(array: np.ndarray) -> tuple[str, bytes]:
+    """(dtype, bytes) of a float64 array: float32 when that holds every value exactly."""
+    narrow = array.astype(_CURVE_DTYPE)
+    if np.array_equal(narrow.astype(np.float64), array, equal_nan=True):
+        return _CURVE_DTYPE.str, narrow.tobytes()
+    return "<f8", array.astype("<f8").tobytes()
+
+
+def _pair_array_rows(run: str, probe_hash: str, batch: Sequence[CheckpointScores]) -> Iterator[tuple]:
     for scores in batch:
         for kind, array in scores.pair.items():
-            (sl, sh, dl, dh), values = _defined(array)
-            yield from zip(repeat(run), repeat(probe_hash), repeat(scores.step), repeat(kind), sl, sh, dl, dh, values)
+            if np.isnan(array).all():  # not defined anywhere (a one-layer model): nothing stored
+                continue
+            layers, heads = array.shape[:2]
+            if array.shape != (layers, heads, layers, heads):
+                raise ValueError(f"step {scores.step}, pair score {kind!r}: expected shape [l, h, l, h], got {array.shape}")
+            yield (run, probe_hash, scores.step, kind, layers, heads, *_packed(array))
+
+
+def _unpacked(layers: int, heads: int, dtype: str, packed: bytes) -> np.ndarray:
+    return np.frombuffer(packed, np.dtype(dtype)).astype(np.float64).reshape(layers, heads, layers, heads)
+
+
+def _pair_records(rows: Iterable[tuple]) -> np.ndarray:
+    """pair_arrays rows (step, kind, layers, heads, dtype, packed) -> structured (step, kind,
+    src_layer, src_head, dst_layer, dst_head, value), one record per defined value, in key order."""
+    parts = []
+    for step, kind, layers, heads, dtype, packed in rows:
+        values = _unpacked(layers, heads, dtype, packed)
+        index = np.nonzero(~np.isnan(values))
+        parts.append((step, kind, index, values[index]))
+    width = max((len(kind) for _, kind, _, _ in parts), default=1)
+    dtype = [("step", "i8"), ("kind", f"U{width}"), *[(name, "i8") for name in _PAIR_AXES], ("value", "f8")]
+    out = np.empty(sum(len(v) for *_, v in parts), dtype)
+    at = 0
+    for step, kind, index, values in parts:
+        chunk = out[at : at + len(values)]
+        chunk["step"], chunk["kind"], chunk["value"] = step, kind, values
+        for name, axis in zip(_PAIR_AXES, index):
+            chunk[name] = axis
+        at += len(values)
+    return out
+
+
+_PAIR_AXES = ("src_layer", "src_head", "dst_layer", "dst_head")
 
 
 def _model_rows(run: str, probe_hash: str, batch: Sequence[CheckpointScores]) -> Iterator[tuple]:
@@ -407,9 +518,8 @@ def _curve_rows(run: str, probe_hash: str, batch: Sequence[CheckpointScores]) ->
 _INSERTS: tuple[tuple[str, Callable[[str, str, Sequence[CheckpointScores]], Iterator[tuple]]], ...] = (
     ("INSERT INTO head_scores (run, probe_hash, step, metric, layer, head, value) VALUES (?, ?, ?, ?, ?, ?, ?)", _head_rows),
     (
-        "INSERT INTO pair_scores (run, probe_hash, step, kind, src_layer, src_head, dst_layer, dst_head, value) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        _pair_rows,
+        "INSERT INTO pair_arrays (run, probe_hash, step, kind, layers, heads, dtype, packed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        _pair_array_rows,
     ),
     ("INSERT INTO model_scores (run, probe_hash, step, metric, value) VALUES (?, ?, ?, ?, ?)", _model_rows),
     (
@@ -430,15 +540,6 @@ def _structured(rows: list[tuple], fields: Sequence[tuple[str, str]]) -> np.ndar
 
 
 _HEAD_FIELDS = (("step", "i8"), ("metric", "U"), ("layer", "i8"), ("head", "i8"), ("value", "f8"))
-_PAIR_FIELDS = (
-    ("step", "i8"),
-    ("kind", "U"),
-    ("src_layer", "i8"),
-    ("src_head", "i8"),
-    ("dst_layer", "i8"),
-    ("dst_head", "i8"),
-    ("value", "f8"),
-)
 _MODEL_FIELDS = (("step", "i8"), ("metric", "U"), ("value", "f8"))
 
 
@@ -463,6 +564,8 @@ class ResultStore:
         path = Path(path)
         if path.exists():
             is_new = _check_header(path)
+            if not is_new and _header_version(path) in _MIGRATES_FROM:
+                cls._migrate_in_place(path)
         elif readonly or not create:
             raise StoreError(f"{path}: no results store there. Fix: check the path, or scan first to create it.")
         else:
@@ -477,6 +580,19 @@ class ResultStore:
             conn.close()
             raise
         return cls(conn, path, readonly)
+
+    @staticmethod
+    def _migrate_in_place(path: Path) -> None:
+        """Migrate an older store, even for a read-only open (the file must be writable once)."""
+        try:
+            conn = _connect(path, readonly=False)
+        except StoreError as e:
+            raise StoreError(f"{e} The store has an older schema and must be migrated once where it can be written.") from None
+        try:
+            _identity(conn, path, readonly=False)  # rolls back a killed writer's batch first
+            _migrate(conn, path)
+        finally:
+            conn.close()
 
     @staticmethod
     def _verify_or_initialize(conn: sqlite3.Connection, path: Path, *, readonly: bool) -> None:
@@ -712,9 +828,9 @@ class ResultStore:
         self, run: str, kind: str | None = None, step: int | None = None, *, probe_hash: str | None = None
     ) -> np.ndarray:
         """Structured array (step, kind, src_layer, src_head, dst_layer, dst_head, value)."""
-        key = "step, kind, src_layer, src_head, dst_layer, dst_head"
-        rows = self._select("pair_scores", key, "value", run, probe_hash, {"kind": kind, "step": step})
-        return _structured(rows, _PAIR_FIELDS)
+        rows = self._select("pair_arrays", "step, kind", "layers, heads, dtype, packed", run, probe_hash,
+                            {"kind": kind, "step": step})  # fmt: skip
+        return _pair_records(rows)
 
     def model_scores(
         self, run: str, metric: str | None = None, step: int | None = None, *, probe_hash: str | None = None
@@ -799,6 +915,9 @@ class ResultStore:
         unknown = set(columns) - {"run", "probe_hash", *key, "value"}
         if unknown:
             raise ValueError(f"{table} has no columns {sorted(unknown)}")
+        if table == "pair_scores":
+            yield from self._pair_score_rows(columns, run, probe_hash)
+            return
         cursor = self._conn.execute(
             f"SELECT {', '.join(columns)} FROM {table} WHERE run = ? AND probe_hash = ? ORDER BY {', '.join(key)}",
             (run, probe_hash),
@@ -806,3 +925,21 @@ class ResultStore:
         while chunk := cursor.fetchmany(_READ_CHUNK):
             yield chunk
 
+    def _pair_score_rows(self, columns: Sequence[str], run: str, probe_hash: str) -> Iterator[list[tuple]]:
+        # One packed array at a time: memory bounded by one checkpoint's pairs of one kind.
+        cursor = self._conn.execute(
+            "SELECT step, kind, layers, heads, dtype, packed FROM pair_arrays WHERE run = ? AND probe_hash = ? "
+            "ORDER BY step, kind",
+            (run, probe_hash),
+        )
+        pending: list[tuple] = []
+        for row in cursor:
+            records = _pair_records([row])
+            fields = [np.full(len(records), run if c == "run" else probe_hash, object) if c in ("run", "probe_hash")
+                      else records[c].tolist() for c in columns]  # fmt: skip
+            pending.extend(zip(*fields))
+            while len(pending) >= _READ_CHUNK:
+                yield pending[:_READ_CHUNK]
+                pending = pending[_READ_CHUNK:]
+        if pending:
+            yield pending
