@@ -269,6 +269,31 @@ def test_a_scan_of_200_checkpoints_compiles_once(tmp_path, monkeypatch):
     assert again.scanned == 200 and len(compiles) == 1 and again.compile_seconds == 0
 
 
+def test_batches_are_written_on_the_writer_thread_and_a_write_error_stops_the_scan(tmp_path, monkeypatch):
+    import jaxinduct.engine.scan as engine
+    from jaxinduct.results.store import ResultStore, StoreError
+
+    monkeypatch.setattr(engine, "open_source", lambda path, **options: MemorySource(list(range(24))))
+    real_write = ResultStore.write_batch
+    writes = []
+
+    def write_batch(self, run, probe_hash, batch):
+        writes.append(threading.current_thread().name)
+        if len(writes) == 2:
+            raise StoreError("disk full (simulated)")
+        return real_write(self, run, probe_hash, batch)
+
+    monkeypatch.setattr(ResultStore, "write_batch", write_batch)
+    stored = []
+    options = ScanOptions(source="memory", store=str(tmp_path / "s.sqlite"), run="mem", probe=PROBE, batch=8, progress=False)
+    with pytest.raises(StoreError, match="simulated"):
+        scan(options, on_batch=stored.append)
+    assert writes and all(name.startswith("store-writer") for name in writes)
+    assert stored == [list(range(8))]  # on_batch only for what was stored, in the caller's thread
+    with ResultStore.open(tmp_path / "s.sqlite", readonly=True) as store:
+        assert store.done_steps("mem", store.latest_probe_hash("mem")) == set(range(8))
+
+
 # --- crash safety ----------------------------------------------------------------------------
 
 

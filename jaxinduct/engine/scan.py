@@ -28,6 +28,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -331,51 +332,107 @@ def _run_batches(
     started = time.perf_counter()
     workers = resolve_load_workers(options.load_workers, plan.mesh)
     program: ScoreProgram | None = None
-    gate = RestoreGate(workers)  # concurrent restores: from measured times after each batch
-    batch_start = time.perf_counter()
-    for steps, restored in prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers, gate):
-        loaded = {r: got.checkpoint for r, got in restored.items() if got.checkpoint is not None}
-        local = [loaded[r].weights if r in loaded else padding for r in rows]
-        ok = parallel.gather_flags(np.array([r in loaded for r in rows], bool), plan.batch)
-        placed = parallel.place_batch(local, plan.spec, shardings, plan.batch)
-        if program is None:  # every batch has the same shape: compiled once, timed apart
-            program = compile_score_all(
-                placed, plan.probes, mesh=plan.mesh, scores=options.scores, checkpoints_per_pass=per_pass, valid=ok
-            )
-            summary.compile_seconds, summary.compiled_from_disk = program.compile_seconds, program.from_disk
-        compute_start = time.perf_counter()
-        # Rows without a checkpoint (padding, failed restores) are skipped, not scored.
-        results = parallel.gather_results(program(placed, ok))
-        compute = time.perf_counter() - compute_start
-        restore_times = [got.seconds for got in restored.values()]
-        if restore_times:
-            gate.set_limit(restores_needed(len(rows), sum(restore_times) / len(restore_times), compute, workers))
-        records, failures = [], []
-        for row, step in enumerate(steps):
-            got = restored.get(row)
-            if ok[row]:
-                tokens = got.checkpoint.tokens_seen if got is not None and got.checkpoint is not None else None
-                seconds = (got.seconds if got is not None else 0.0) + compute / len(steps)
-                records.append(checkpoint_scores(results, row, step, tokens, seconds))
-            else:
-                error = got.error if got is not None else "restore failed on another process (see its log)"
-                failures.append((step, error or "unknown error"))
-        if store is not None:
-            store.write_batch(plan.run, plan.probe_hash, records)
-            for step, error in failures:
-                store.mark_failed(plan.run, plan.probe_hash, step, error)
-        summary.scanned += len(records)
-        summary.failed += len(failures)
-        summary.failures += failures
-        now = time.perf_counter()
-        summary.batch_seconds.append(now - batch_start - (summary.compile_seconds if len(summary.batch_seconds) == 0 else 0))
-        batch_start = now
-        progress.update(len(steps), steps[-1])
-        if on_batch is not None:
-            on_batch(steps)
+    writer = _BatchWriter(store, on_batch)
+    try:
+        gate = RestoreGate(workers)  # concurrent restores: from measured times after each batch
+        batch_start = time.perf_counter()
+        for steps, restored in prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers, gate):
+            loaded = {r: got.checkpoint for r, got in restored.items() if got.checkpoint is not None}
+            local = [loaded[r].weights if r in loaded else padding for r in rows]
+            ok = parallel.gather_flags(np.array([r in loaded for r in rows], bool), plan.batch)
+            placed = parallel.place_batch(local, plan.spec, shardings, plan.batch)
+            if program is None:  # every batch has the same shape: compiled once, timed apart
+                program = compile_score_all(
+                    placed, plan.probes, mesh=plan.mesh, scores=options.scores, checkpoints_per_pass=per_pass, valid=ok
+                )
+                summary.compile_seconds, summary.compiled_from_disk = program.compile_seconds, program.from_disk
+            compute_start = time.perf_counter()
+            # Rows without a checkpoint (padding, failed restores) are skipped, not scored.
+            results = parallel.gather_results(program(placed, ok))
+            compute = time.perf_counter() - compute_start
+            restore_times = [got.seconds for got in restored.values()]
+            if restore_times:
+                gate.set_limit(restores_needed(len(rows), sum(restore_times) / len(restore_times), compute, workers))
+            records, failures = [], []
+            for row, step in enumerate(steps):
+                got = restored.get(row)
+                if ok[row]:
+                    tokens = got.checkpoint.tokens_seen if got is not None and got.checkpoint is not None else None
+                    seconds = (got.seconds if got is not None else 0.0) + compute / len(steps)
+                    records.append(checkpoint_scores(results, row, step, tokens, seconds))
+                else:
+                    error = got.error if got is not None else "restore failed on another process (see its log)"
+                    failures.append((step, error or "unknown error"))
+            # The batch is written (one transaction) on the writer thread while the next computes.
+            writer.submit(lambda store, r=records, f=failures: _write(store, plan, r, f), steps)
+            summary.scanned += len(records)
+            summary.failed += len(failures)
+            summary.failures += failures
+            now = time.perf_counter()
+            compiling = summary.compile_seconds if not summary.batch_seconds else 0.0
+            summary.batch_seconds.append(now - batch_start - compiling)
+            batch_start = now
+            progress.update(len(steps), steps[-1])
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.close()
     progress.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _write(store: ResultStore, plan: _Prepared, records: list[CheckpointScores], failures: list[tuple[int, str]]) -> None:
+    store.write_batch(plan.run, plan.probe_hash, records)
+    for step, error in failures:
+        store.mark_failed(plan.run, plan.probe_hash, step, error)
+
+
+class _BatchWriter:
+    """Writes each batch into the store on one background thread, in order, overlapping the
+    next batch's restore and compute.
+
+    At most one write is in flight: `submit` first waits for the previous one, so memory
+    stays bounded and a write error (a full disk) stops the scan one batch later at most.
+    Each write is still one transaction: a batch is all or nothing. ``on_batch`` is called
+    in the caller's thread once a batch is stored. Without a store (not process 0) nothing
+    is written and ``on_batch`` is called at once.
+    """
+
+    def __init__(self, store: ResultStore | None, on_batch: Callable[[list[int]], None] | None) -> None:
+        self._store, self._on_batch = store, on_batch
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") if store is not None else None
+        self._pending: tuple[Future[None], list[int]] | None = None
+
+    def submit(self, write: Callable[[ResultStore], None], steps: list[int]) -> None:
+        self._wait()
+        if self._pool is None or self._store is None:
+            self._done(steps)
+            return
+        self._pending = (self._pool.submit(write, self._store), steps)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            future, steps = self._pending
+            self._pending = None
+            future.result()  # the writer's exception, if any, is raised here
+            self._done(steps)
+
+    def _done(self, steps: list[int]) -> None:
+        if self._on_batch is not None:
+            self._on_batch(steps)
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """After an error elsewhere: let the write in flight finish (or roll back) on its own."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 # --- progress ------------------------------------------------------------------------------

@@ -297,7 +297,11 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     mode = "ro" if readonly else "rwc"
     try:
         # isolation_level=None: no implicit transactions; every write opens its own below.
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True, isolation_level=None)
+        # check_same_thread off: the scan engine writes from its writer thread; a store is
+        # still used by one thread at a time (see ResultStore).
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode={mode}", uri=True, isolation_level=None, check_same_thread=False
+        )
     except sqlite3.Error as e:
         raise StoreError(f"{path}: cannot open the results store ({e}). Fix: check the path and its permissions.") from e
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -547,7 +551,11 @@ _MODEL_FIELDS = (("step", "i8"), ("metric", "U"), ("value", "f8"))
 
 
 class ResultStore:
-    """A results store file; open with ``ResultStore.open`` and use as a context manager."""
+    """A results store file; open with ``ResultStore.open`` and use as a context manager.
+
+    One thread at a time: it may be handed to another thread (the scan engine's writer),
+    never used from two at once.
+    """
 
     def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
         self._conn = conn
