@@ -125,8 +125,9 @@ def _export(config: Any) -> int:
     from jaxinduct.results.store import ResultStore
 
     with ResultStore.open(config.store, create=False, readonly=True) as store:
-        rows = export(store, config.table, config.format, config.out, run=config.run)
-    print(f"{rows} rows of {config.table} written to {config.out}")
+        rows = export(store, config.table, config.format, config.out, run=config.run, partition=config.partition)
+    where = f"a dataset partitioned by run and step in {config.out}" if config.partition else config.out
+    print(f"{rows} rows of {config.table} written to {where}")
     return 0
 
 

@@ -472,6 +472,36 @@ def test_export_csv_columns_and_values(two_run_store, tmp_path):
     assert sorted(os.listdir(out.parent)) == ["heads.csv", "model.csv", "pairs.csv"]  # no temporary files left
 
 
+def test_export_a_parquet_dataset_partitioned_by_run_and_step(tmp_path):
+    ds = pytest.importorskip("pyarrow.dataset")
+    path = tmp_path / "s.sqlite"
+    runs = ("a", "b/odd name")  # a run name that is not a plain path segment
+    with new_store(path, runs=runs, hashes=(HASH,)) as store:
+        for run in runs:
+            store.write_batch(run, HASH, [toy_scores(1), toy_scores(3, scale=2.0)])
+    out = tmp_path / "pairs"
+    with ResultStore.open(path, readonly=True) as store:
+        flat = [tuple(row) for chunk in store.score_rows("pair_scores", ["step", "kind", "src_layer", "src_head",
+                                                                         "dst_layer", "dst_head", "value"], "a", HASH)
+                for row in chunk]  # fmt: skip
+        assert export(store, "pairs", "parquet", out, partition=True) == 4 * TOY_COUNTS["pair_scores"]
+        assert export(store, "pairs", "parquet", out, partition=True) == 4 * TOY_COUNTS["pair_scores"]  # replaces it
+        with pytest.raises(StoreError, match="--format parquet"):
+            export(store, "pairs", "csv", tmp_path / "x", partition=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == [
+        "run=a/step=1/part-0.parquet", "run=a/step=3/part-0.parquet",
+        "run=b%2Fodd%20name/step=1/part-0.parquet", "run=b%2Fodd%20name/step=3/part-0.parquet",
+    ]  # fmt: skip
+    dataset = ds.dataset(out, format="parquet", partitioning="hive")
+    rows = dataset.to_table().to_pylist()
+    assert len(rows) == 4 * TOY_COUNTS["pair_scores"]
+    mine = sorted((r["step"], r["kind"], r["src_layer"], r["src_head"], r["dst_layer"], r["dst_head"], r["value"])
+                  for r in rows if r["run"] == "a")  # fmt: skip
+    assert mine == sorted(flat)
+    assert {r["run"] for r in rows} == set(runs)  # the readers decode the percent-encoded names
+    assert sorted(os.listdir(tmp_path)) == ["pairs", "s.sqlite"]  # no temporary directories left
+
+
 def test_export_parquet_columns_types_and_values(two_run_store, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "pairs.parquet"

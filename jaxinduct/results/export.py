@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import shutil
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -72,6 +74,51 @@ def _write_parquet(path: Path, columns: Sequence[str], chunks: Iterable[list[tup
     return n
 
 
+PARTITION_COLUMNS = ("run", "step")
+
+
+def _write_parquet_dataset(directory: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]) -> int:
+    """A Hive-partitioned Parquet dataset: ``run=NAME/step=N/part-0.parquet``, one file per
+    checkpoint, the partition columns in the paths (DuckDB, Polars, Spark and pyarrow read
+    them back as columns). Rows arrive ordered by run, then step, so one file is open at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise StoreError("Parquet export needs pyarrow. Fix: pip install pyarrow==26.0.1, or export --format csv.") from e
+    kept = [c for c in columns if c not in PARTITION_COLUMNS]
+    types = {"value": pa.float64(), **{c: pa.string() for c in _TEXT_COLUMNS}}
+    schema = pa.schema([(c, types.get(c, pa.int64())) for c in kept])
+    run_at, step_at = columns.index("run"), columns.index("step")
+    keep_at = [columns.index(c) for c in kept]
+    directory.mkdir(parents=True)
+    n, writer, current = 0, None, None
+    try:
+        for chunk in chunks:
+            start = 0
+            while start < len(chunk):
+                key = (chunk[start][run_at], chunk[start][step_at])
+                stop = start
+                while stop < len(chunk) and (chunk[stop][run_at], chunk[stop][step_at]) == key:
+                    stop += 1
+                if key != current:
+                    if writer is not None:
+                        writer.close()
+                    # Percent-encoded run names: any name is one path segment (readers decode them).
+                    part = directory / f"run={urllib.parse.quote(str(key[0]), safe='')}" / f"step={key[1]}"
+                    part.mkdir(parents=True, exist_ok=True)
+                    writer, current = pq.ParquetWriter(part / "part-0.parquet", schema), key
+                rows = chunk[start:stop]
+                arrays = [pa.array([row[i] for row in rows], type=field.type) for i, field in zip(keep_at, schema)]
+                writer.write_batch(pa.record_batch(arrays, schema=schema))
+                n += len(rows)
+                start = stop
+    finally:
+        if writer is not None:
+            writer.close()
+    return n
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """Write a store's scores as CSV or Parquet."""
@@ -83,9 +130,11 @@ class ExportConfig:
     format: ExportFormat
     """file format"""
     out: str
-    """output file"""
+    """output file (a directory with --partition)"""
     run: str | None = None
     """only this run (default: all)"""
+    partition: bool = False
+    """parquet only: a dataset directory partitioned by run and step (run=NAME/step=N/part-0.parquet)"""
 
 
 def export(
@@ -96,6 +145,7 @@ def export(
     run: str | None = ExportConfig.run,
     *,
     probe_hash: str | None = None,
+    partition: bool = False,
 ) -> int:
     """Write one table to CSV or Parquet with the columns of ``EXPORT_COLUMNS[table]``, in order.
 
@@ -103,6 +153,9 @@ def export(
     exported at its latest probe hash (that of its most recently written done checkpoint)
     unless ``probe_hash`` picks one. The file appears whole or not at all (written beside it,
     then renamed). Returns the number of rows written.
+
+    partition (Parquet only): ``out_path`` is a directory, a dataset partitioned by run and
+    step (`_write_parquet_dataset`); it too appears whole, and replaces a dataset there.
     """
     if table not in EXPORT_COLUMNS:
         raise StoreError(f"unknown export table {table!r}; choose one of {', '.join(EXPORT_COLUMNS)}.")
@@ -112,6 +165,10 @@ def export(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     chunks = _export_chunks(store, table, run, probe_hash)
+    if partition:
+        if fmt != "parquet":
+            raise StoreError("--partition writes a Parquet dataset; use it with --format parquet.")
+        return _export_dataset(out_path, EXPORT_COLUMNS[table], chunks)
     # A plain sibling name rather than mkstemp: the export gets the usual (umask) permissions.
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
@@ -120,4 +177,21 @@ def export(
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    return n
+
+
+def _export_dataset(out_path: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]) -> int:
+    if out_path.exists() and not out_path.is_dir():
+        raise StoreError(f"{out_path} is a file; --partition writes a directory. Fix: choose another --out.")
+    tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    old_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.old")
+    try:
+        n = _write_parquet_dataset(tmp_path, columns, chunks)
+        if out_path.exists():  # the previous dataset goes only once the new one is whole
+            os.replace(out_path, old_path)
+        os.replace(tmp_path, out_path)
+    except BaseException:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        raise
+    shutil.rmtree(old_path, ignore_errors=True)
     return n
