@@ -17,7 +17,9 @@ import shutil
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import numpy as np
 
 from jaxinduct.results.store import ResultStore, ScoreTable, StoreError
 
@@ -33,17 +35,50 @@ _SOURCE: dict[str, ScoreTable] = {"heads": "head_scores", "pairs": "pair_scores"
 _TEXT_COLUMNS = {"run", "metric", "kind"}
 
 
-def _export_chunks(store: ResultStore, table: str, run: str | None, probe_hash: str | None) -> Iterator[list[tuple]]:
-    """Rows of ``table`` in export column order, run by run, each run at its chosen probe hash."""
+def _export_runs(store: ResultStore, run: str | None, probe_hash: str | None) -> Iterator[tuple[str, str]]:
+    """(run, probe hash) of every run to export, each at its chosen probe hash."""
     runs = [run] if run is not None else [r.name for r in store.runs()]
     for name in runs:
         if run is None and probe_hash is not None and probe_hash not in store.probe_hashes(name):
             continue  # exporting one probe hash across runs: runs without it contribute nothing
         # The hash every reader reads a run at (the run view too): the given one, else its latest.
         resolved = store.resolve_probe_hash(name, probe_hash)
-        if resolved is None:
-            continue
+        if resolved is not None:
+            yield name, resolved
+
+
+def _export_chunks(store: ResultStore, table: str, run: str | None, probe_hash: str | None) -> Iterator[list[tuple]]:
+    """Rows of ``table`` in export column order, run by run, each run at its chosen probe hash."""
+    for name, resolved in _export_runs(store, run, probe_hash):
         yield from store.score_rows(_SOURCE[table], EXPORT_COLUMNS[table], name, resolved)
+
+
+# A column chunk: column name -> values (a sequence) or one value for every row (a scalar).
+Columns = dict[str, Any]
+
+
+def _export_columns(store: ResultStore, table: str, run: str | None, probe_hash: str | None) -> Iterator[Columns]:
+    """``_export_chunks`` as column chunks; pairs straight from the packed arrays (no tuple per value)."""
+    columns = EXPORT_COLUMNS[table]
+    for name, resolved in _export_runs(store, run, probe_hash):
+        if table == "pairs":
+            for chunk in store.pair_score_columns(name, resolved):
+                yield {"run": name, **chunk}
+        else:
+            for rows in store.score_rows(_SOURCE[table], columns, name, resolved):
+                yield dict(zip(columns, zip(*rows)))
+
+
+def _rows_in(chunk: Columns) -> int:
+    return max((len(v) for v in chunk.values() if not isinstance(v, str | int)), default=0)
+
+
+def _arrow_column(values: Any, n: int, type_: Any) -> Any:
+    import pyarrow as pa
+
+    if isinstance(values, str | int):
+        return pa.repeat(pa.scalar(values, type=type_), n)
+    return pa.array(values if isinstance(values, np.ndarray) else list(values), type=type_)
 
 
 def _write_csv(path: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]) -> int:
@@ -57,66 +92,72 @@ def _write_csv(path: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]
     return n
 
 
-def _write_parquet(path: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]) -> int:
+def _write_parquet(path: Path, columns: Sequence[str], chunks: Iterable[Columns]) -> int:
+    pa, pq = _pyarrow()
+    schema = _schema(pa, columns)
+    n = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for chunk in chunks:
+            rows = _rows_in(chunk)
+            arrays = [_arrow_column(chunk[field.name], rows, field.type) for field in schema]
+            writer.write_batch(pa.record_batch(arrays, schema=schema))
+            n += rows
+    return n
+
+
+def _pyarrow() -> tuple[Any, Any]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise StoreError("Parquet export needs pyarrow. Fix: pip install pyarrow==26.0.1, or export --format csv.") from e
+    return pa, pq
+
+
+def _schema(pa: Any, columns: Sequence[str]) -> Any:
     types = {"value": pa.float64(), **{c: pa.string() for c in _TEXT_COLUMNS}}
-    schema = pa.schema([(c, types.get(c, pa.int64())) for c in columns])
-    n = 0
-    with pq.ParquetWriter(path, schema) as writer:
-        for chunk in chunks:
-            arrays = [pa.array(list(values), type=field.type) for values, field in zip(zip(*chunk), schema)]
-            writer.write_batch(pa.record_batch(arrays, schema=schema))
-            n += len(chunk)
-    return n
+    return pa.schema([(c, types.get(c, pa.int64())) for c in columns])
 
 
 PARTITION_COLUMNS = ("run", "step")
 
 
-def _write_parquet_dataset(directory: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]) -> int:
+def _write_parquet_dataset(directory: Path, columns: Sequence[str], chunks: Iterable[Columns]) -> int:
     """A Hive-partitioned Parquet dataset: ``run=NAME/step=N/part-0.parquet``, one file per
     checkpoint, the partition columns in the paths (DuckDB, Polars, Spark and pyarrow read
-    them back as columns). Rows arrive ordered by run, then step, so one file is open at a time."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise StoreError("Parquet export needs pyarrow. Fix: pip install pyarrow==26.0.1, or export --format csv.") from e
-    kept = [c for c in columns if c not in PARTITION_COLUMNS]
-    types = {"value": pa.float64(), **{c: pa.string() for c in _TEXT_COLUMNS}}
-    schema = pa.schema([(c, types.get(c, pa.int64())) for c in kept])
-    run_at, step_at = columns.index("run"), columns.index("step")
-    keep_at = [columns.index(c) for c in kept]
+    them back as columns). Chunks arrive ordered by run, then step, so one file is open at a time."""
+    pa, pq = _pyarrow()
+    schema = _schema(pa, [c for c in columns if c not in PARTITION_COLUMNS])
     directory.mkdir(parents=True)
     n, writer, current = 0, None, None
     try:
         for chunk in chunks:
-            start = 0
-            while start < len(chunk):
-                key = (chunk[start][run_at], chunk[start][step_at])
-                stop = start
-                while stop < len(chunk) and (chunk[stop][run_at], chunk[stop][step_at]) == key:
-                    stop += 1
+            rows = _rows_in(chunk)
+            if rows == 0:
+                continue
+            steps = np.broadcast_to(np.asarray(chunk["step"]), (rows,))
+            runs = [chunk["run"]] * rows if isinstance(chunk["run"], str) else list(chunk["run"])
+            cuts = [0, *(i for i in range(1, rows) if steps[i] != steps[i - 1] or runs[i] != runs[i - 1]), rows]
+            for start, stop in zip(cuts[:-1], cuts[1:]):
+                key = (runs[start], int(steps[start]))
                 if key != current:
                     if writer is not None:
                         writer.close()
                     # Percent-encoded run names: any name is one path segment (readers decode them).
-                    part = directory / f"run={urllib.parse.quote(str(key[0]), safe='')}" / f"step={key[1]}"
+                    part = directory / f"run={urllib.parse.quote(key[0], safe='')}" / f"step={key[1]}"
                     part.mkdir(parents=True, exist_ok=True)
                     writer, current = pq.ParquetWriter(part / "part-0.parquet", schema), key
-                rows = chunk[start:stop]
-                arrays = [pa.array([row[i] for row in rows], type=field.type) for i, field in zip(keep_at, schema)]
+                arrays = [_arrow_column(_slice(chunk[f.name], start, stop), stop - start, f.type) for f in schema]
                 writer.write_batch(pa.record_batch(arrays, schema=schema))
-                n += len(rows)
-                start = stop
+                n += stop - start
     finally:
         if writer is not None:
             writer.close()
     return n
+
+
+def _slice(values: Any, start: int, stop: int) -> Any:
+    return values if isinstance(values, str | int) else values[start:stop]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,11 +205,13 @@ def export(
         raise StoreError(f"unknown export format {fmt!r}; choose one of {', '.join(writers)}.")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    chunks = _export_chunks(store, table, run, probe_hash)
     if partition:
         if fmt != "parquet":
             raise StoreError("--partition writes a Parquet dataset; use it with --format parquet.")
-        return _export_dataset(out_path, EXPORT_COLUMNS[table], chunks)
+        return _export_dataset(out_path, EXPORT_COLUMNS[table], _export_columns(store, table, run, probe_hash))
+    # Parquet is columnar: it takes column chunks (pairs without a tuple per value); CSV rows.
+    read = _export_columns if fmt == "parquet" else _export_chunks
+    chunks = read(store, table, run, probe_hash)
     # A plain sibling name rather than mkstemp: the export gets the usual (umask) permissions.
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
@@ -180,7 +223,7 @@ def export(
     return n
 
 
-def _export_dataset(out_path: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]) -> int:
+def _export_dataset(out_path: Path, columns: Sequence[str], chunks: Iterable[Columns]) -> int:
     if out_path.exists() and not out_path.is_dir():
         raise StoreError(f"{out_path} is a file; --partition writes a directory. Fix: choose another --out.")
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")

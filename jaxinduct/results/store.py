@@ -933,6 +933,20 @@ class ResultStore:
         while chunk := cursor.fetchmany(_READ_CHUNK):
             yield chunk
 
+    def pair_score_columns(self, run: str, probe_hash: str) -> Iterator[dict[str, Any]]:
+        """The pair scores of one run at one probe hash as columns, one packed array at a time
+        (key order): step and kind as scalars, src_layer..dst_head and value as numpy arrays.
+        What a columnar writer (Parquet) reads without building a tuple per value."""
+        cursor = self._conn.execute(
+            "SELECT step, kind, layers, heads, dtype, packed FROM pair_arrays WHERE run = ? AND probe_hash = ? "
+            "ORDER BY step, kind",
+            (run, probe_hash),
+        )
+        for step, kind, layers, heads, dtype, packed in cursor:
+            values = _unpacked(layers, heads, dtype, packed)
+            index = np.nonzero(~np.isnan(values))
+            yield {"step": step, "kind": kind, **dict(zip(_PAIR_AXES, index)), "value": values[index]}
+
     def _pair_score_rows(self, columns: Sequence[str], run: str, probe_hash: str) -> Iterator[list[tuple]]:
         # One packed array at a time: memory bounded by one checkpoint's pairs of one kind.
         cursor = self._conn.execute(
