@@ -12,15 +12,22 @@ Side by side, the pair scores as schema 1 stored them (one SQLite row per value,
 WITHOUT ROWID table keyed as it was), written to a scratch file the same way, one
 transaction per checkpoint.
 
+With --trajectory N (default 154, as Pythia publishes; 0 skips it), it also writes a
+store of N Pythia-1.4B-shaped checkpoints and times what readers do with it, each in its
+own process (wall seconds and peak RSS): `jaxinduct show`, `jaxinduct export --table pairs`
+(Parquet) and `jaxinduct report`.
+
 Usage: python bench/store.py [--shapes pythia-70m pythia-410m pythia-1.4b] [--checkpoints 3]
-       [--curve-length 0]
+       [--curve-length 0] [--trajectory 154]
 Issue 14 asks for at most 5 MB and 100 ms per Pythia-1.4B-shaped checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,11 +119,56 @@ def measure(shape: str, n: int, curve_length: int) -> dict[str, float]:
     }  # fmt: skip
 
 
+# `jaxinduct ARGS` that prints its own peak resident memory at exit: VmHWM, which starts
+# afresh at exec (ru_maxrss would carry this parent's peak over from the fork).
+_PEAK_REPORTING = (
+    "import atexit, re, resource, runpy, sys\n"
+    "def peak():\n"
+    "    try:\n"
+    "        return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+    "    except (OSError, TypeError):\n"
+    "        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    "atexit.register(lambda: print(f'PEAK_RSS_KB {peak()}', file=sys.stderr))\n"
+    "sys.argv = ['jaxinduct', *sys.argv[1:]]\n"
+    "runpy.run_module('jaxinduct', run_name='__main__')\n"
+)
+
+
+def time_readers(n: int, work: Path) -> list[tuple[str, float, float]]:
+    """(command, wall seconds, peak RSS MB) of show, export and report on a store of n checkpoints."""
+    layers, heads, _ = SHAPES["pythia-1.4b"]
+    store_path = work / "trajectory.sqlite"
+    rng = np.random.default_rng(0)
+    with ResultStore.open(store_path) as store:
+        store.ensure_run("pythia-1.4b", "synthetic", json.dumps({"n_layers": layers, "n_heads": heads}))
+        store.record_probe_config("p" * 16, "{}")
+        for i in range(n):
+            store.write_batch("pythia-1.4b", "p" * 16, [synthetic_scores(layers, heads, 1000 * i, 0, rng)])
+    commands = {
+        "show": ["show", "--store", str(store_path)],
+        "export --table pairs (parquet)": ["export", "--store", str(store_path), "--table", "pairs", "--format", "parquet",
+                                           "--out", str(work / "pairs.parquet")],
+        "report": ["report", "--store", str(store_path), "--out", str(work / "report")],
+    }  # fmt: skip
+    timings = []
+    for label, args in commands.items():
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", _PEAK_REPORTING, *args], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"{label} failed: {done.stderr[-2000:]}")
+        peak = int(done.stderr.rsplit("PEAK_RSS_KB ", 1)[1].split()[0]) / 1024
+        timings.append((label, seconds, peak))
+    timings.append((f"(store: {store_path.stat().st_size / 1e6:.0f} MB)", 0.0, 0.0))
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["pythia-70m", "pythia-410m", "pythia-1.4b"])
     parser.add_argument("--checkpoints", type=int, default=3)
     parser.add_argument("--curve-length", type=int, default=0, help="dataset sequence length (0: no dataset scores)")
+    parser.add_argument("--trajectory", type=int, default=154, help="checkpoints of the reader timings (0: skip)")
     args = parser.parse_args()
     print(f"{args.checkpoints} checkpoints per shape, every score, curves of {args.curve_length or 'no'} positions; "
           "per checkpoint:")  # fmt: skip
@@ -128,6 +180,13 @@ def main() -> None:
         print(f"{shape:14s} {m['heads']:6d} {m['rows']:12.0f} {m['bytes'] / 1e6:8.2f} {m['write_ms']:9.0f} "
               f"{m['read_ms']:8.0f} {m['v1_pair_bytes'] / 1e6:10.2f} {m['v1_pair_write_ms']:12.0f}")  # fmt: skip
     print("issue 14 targets for a Pythia-1.4B-shaped checkpoint: at most 5 MB and 100 ms to write")
+    if args.trajectory:
+        with tempfile.TemporaryDirectory() as work:
+            timings = time_readers(args.trajectory, Path(work))
+        print(f"\nreaders of a store of {args.trajectory} Pythia-1.4B-shaped checkpoints "
+              "(targets: show < 2 s, export < 60 s in bounded memory, report < 60 s):")  # fmt: skip
+        for label, seconds, peak in timings:
+            print(f"  {label:32s} {seconds:6.1f} s  peak RSS {peak:6.0f} MB" if seconds else f"  {label}")
 
 
 if __name__ == "__main__":
