@@ -948,17 +948,12 @@ class ResultStore:
             yield {"step": step, "kind": kind, **dict(zip(_PAIR_AXES, index)), "value": values[index]}
 
     def _pair_score_rows(self, columns: Sequence[str], run: str, probe_hash: str) -> Iterator[list[tuple]]:
-        # One packed array at a time: memory bounded by one checkpoint's pairs of one kind.
-        cursor = self._conn.execute(
-            "SELECT step, kind, layers, heads, dtype, packed FROM pair_arrays WHERE run = ? AND probe_hash = ? "
-            "ORDER BY step, kind",
-            (run, probe_hash),
-        )
+        # `pair_score_columns` as row tuples: memory bounded by one checkpoint's pairs of one kind.
         pending: list[tuple] = []
-        for row in cursor:
-            records = _pair_records([row])
-            fields = [np.full(len(records), run if c == "run" else probe_hash, object) if c in ("run", "probe_hash")
-                      else records[c].tolist() for c in columns]  # fmt: skip
+        for chunk in self.pair_score_columns(run, probe_hash):
+            n = len(chunk["value"])
+            scalars = {"run": run, "probe_hash": probe_hash, "step": chunk["step"], "kind": chunk["kind"]}
+            fields = [repeat(scalars[c], n) if c in scalars else chunk[c].tolist() for c in columns]
             pending.extend(zip(*fields))
             while len(pending) >= _READ_CHUNK:
                 yield pending[:_READ_CHUNK]
