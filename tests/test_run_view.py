@@ -18,7 +18,7 @@ import pytest
 from jaxinduct.report.page import write_report
 from jaxinduct.report.show import render_show
 from jaxinduct.results.phase import formation_steps
-from jaxinduct.results.run_view import load_run_view
+from jaxinduct.results.run_view import HeadScoreSlice, load_run_view
 from jaxinduct.results.store import CheckpointScores, ResultStore
 
 NAN = float("nan")
@@ -146,6 +146,46 @@ def test_the_readers_of_results_import_no_jax():
     modules = "jaxinduct.results.run_view, jaxinduct.results.identity, jaxinduct.results.export"
     code = f"import sys, {modules}; assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib')]"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_show_imports_no_jax(tmp_path):
+    # The registry names its scores' functions instead of importing them: starting JAX costs
+    # `show` most of a second, and show reads only names and titles.
+    with ResultStore.open(tmp_path / "s.sqlite") as store:
+        store.ensure_run(RUN, "/src", json.dumps({}))
+        store.record_probe_config(HASH, json.dumps({}))
+        store.write_batch(RUN, HASH, [CheckpointScores(step=1, head={"prefix_matching": [[0.5, 0.1]]})])
+    code = (
+        "import sys; from jaxinduct.report.show import render_show; from jaxinduct.results.store import ResultStore\n"
+        f"store = ResultStore.open({str(tmp_path / 's.sqlite')!r}, readonly=True)\n"
+        "assert 'L0H0' in render_show(store)\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib')]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_slice_of_the_head_scores_reads_some_metrics_at_every_step_and_the_rest_at_one(tmp_path):
+    with ResultStore.open(tmp_path / "s.sqlite") as store:
+        store.ensure_run(RUN, "/src", json.dumps({}))
+        store.record_probe_config(HASH, json.dumps({}))
+        store.write_batch(RUN, HASH, [
+            CheckpointScores(step=1, head={"a": [[0.1, 0.2]], "b": [[0.3, 0.4]], "c": [[0.5, NAN], [NAN, 0.6]]}),
+            CheckpointScores(step=3, head={"a": [[0.7, 0.8]], "b": [[0.9, 1.0]], "c": [[1.1, 1.2]]}),
+        ])  # fmt: skip
+        steps, grids = store.head_score_grids(RUN, steps=[3], whole=["a"])
+        assert steps.tolist() == [1, 3] and list(grids) == ["a", "b", "c"]
+        # The extents are those of the rows read: layer 1 exists only at step 1, in c.
+        np.testing.assert_array_equal(grids["a"], [[[0.1, 0.2]], [[0.7, 0.8]]])
+        np.testing.assert_array_equal(grids["b"], [[[NAN, NAN]], [[0.9, 1.0]]])
+        np.testing.assert_array_equal(grids["c"], [[[NAN, NAN]], [[1.1, 1.2]]])
+        _, wide = store.head_score_grids(RUN, ["c", "a"], steps=[3], whole=["c"])
+        assert list(wide) == ["c", "a"]
+        np.testing.assert_array_equal(wide["c"], [[[0.5, NAN], [NAN, 0.6]], [[1.1, 1.2], [NAN, NAN]]])
+        np.testing.assert_array_equal(wide["a"], [[[NAN, NAN], [NAN, NAN]], [[0.7, 0.8], [NAN, NAN]]])
+        # The view built from a slice: formation reads prefix_matching at every step, absent here.
+        view = load_run_view(store, RUN, "/src", figure_data=False, head_slice=HeadScoreSlice(whole=("b",)))
+        np.testing.assert_array_equal(view.grid("b")[:, 0, 0], [0.3, 0.9])
+        np.testing.assert_array_equal(view.grid("a")[:, 0, 0], [NAN, 0.7])  # the last done step only
 
 
 def test_every_head_score_grid_in_one_read(tmp_path):

@@ -4,9 +4,9 @@
 (`jaxinduct.scores.registry`) says which head scores are headline (a context column of
 `show`; with a value range also a head map of the report), which are 0/1 verdicts, which
 model scores and ablations there are, in its registration order, and how each is named
-in words. The registry imports JAX (its scores' functions), so it is imported when a reader
-first asks, not with this module: `jaxinduct show --help` and the store's readers start
-without JAX, and `jaxinduct.results` never imports this module.
+in words. The registry names its scores' functions without importing them, so `show` and
+the report read it without starting JAX; this module still imports it when a reader first
+asks, and `jaxinduct.results` never imports this module.
 """
 
 from __future__ import annotations

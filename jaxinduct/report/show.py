@@ -26,7 +26,7 @@ import numpy as np
 from jaxinduct.report.format import first_line, format_value, format_verdict, head_name, wrap
 from jaxinduct.report.headline import context_columns, model_metrics, verdict_columns
 from jaxinduct.results.phase import FORMATION_METRIC, PHASE_METRICS  # PHASE_METRICS: model rows whose value is a step
-from jaxinduct.results.run_view import RunView, load_run_view, select_runs
+from jaxinduct.results.run_view import HeadScoreSlice, RunView, load_run_view, select_runs
 from jaxinduct.results.store import ResultStore, StoreError
 
 MIN_WIDTH = 80  # never lay out for fewer columns than this unless a width is passed
@@ -307,7 +307,10 @@ def render_show(
     errors: list[StoreError] = []
     for record in runs:
         try:
-            view = load_run_view(store, record.name, record.source, figure_data=False)
+            # Every head score at the step shown, and at every step only the ranking metric
+            # (the trajectory line) and prefix_matching (formation, the phase change).
+            needed = HeadScoreSlice(whole=(metric,), step=step)
+            view = load_run_view(store, record.name, record.source, figure_data=False, head_slice=needed)
             sections.append(show_run(view, metric, step, top, width))
         except StoreError as e:
             if len(runs) == 1:

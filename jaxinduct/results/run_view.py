@@ -50,7 +50,7 @@ class RunView:
     identity: ProbeIdentity  # the probe record at probe_hash (defaults where the store lacks one)
     records: tuple[CheckpointRecord, ...]  # every checkpoint at probe_hash, done and failed, by step
     steps: np.ndarray  # done steps, ascending [n]
-    grids: Mapping[str, np.ndarray]  # every stored head score -> [n, layer, head], NaN where not stored
+    grids: Mapping[str, np.ndarray]  # every stored head score -> [n, layer, head], NaN where not stored (or not read: HeadScoreSlice)
     model: Mapping[str, np.ndarray]  # every stored model score -> [n], NaN where not stored
     loss_curves: Mapping[int, np.ndarray]  # step -> per_token_loss by context index (model-level)
     head_curves: Mapping[str, np.ndarray]  # HEAD_CURVES name -> float32 [n, layer, head, seq], NaN where not stored
@@ -123,19 +123,39 @@ def _head_curve_grid(curves: Sequence[CurveRecord], steps: np.ndarray, shape: tu
     return grid
 
 
-def load_run_view(store: ResultStore, run: str, source: str, *, figure_data: bool = True) -> RunView:
+@dataclass(frozen=True)
+class HeadScoreSlice:
+    """The head scores a reader needs when it needs not all: ``whole`` at every done step
+    (FORMATION_METRIC is always among them: formation and the phase change read it), every
+    other head score at ``step`` alone (None: the last done step). A run of 154
+    Pythia-1.4B-shaped checkpoints has 887k head score rows; `show` reads 125k of them."""
+
+    whole: tuple[str, ...] = ()
+    step: int | None = None
+
+
+def load_run_view(
+    store: ResultStore, run: str, source: str, *, figure_data: bool = True, head_slice: HeadScoreSlice | None = None
+) -> RunView:
     """``run`` of ``store`` (``source``: its recorded source), read once (module doc).
 
     figure_data: also read the per-head curves and pair scores only the report's figures
     draw (at a large model's size, by far the biggest part of a run); without it they are
     empty, as `show` needs.
+    head_slice: read only these head scores (the others NaN in ``grids``); None: every one.
     """
     hashes = store.probe_hashes(run)
     probe_hash = store.resolve_probe_hash(run) or (hashes[-1] if hashes else None)
     identity = parse_identity(None if probe_hash is None else store.probe_config(probe_hash))
     others = tuple(h for h in hashes if h != probe_hash)
     # probe_hash None: the run has no checkpoint at all, and every read below finds nothing.
-    steps, grids = store.head_score_grids(run, probe_hash=probe_hash)
+    if head_slice is None or probe_hash is None:
+        steps, grids = store.head_score_grids(run, probe_hash=probe_hash)
+    else:
+        done = store.done_steps(run, probe_hash)
+        at = head_slice.step if head_slice.step is not None else (max(done) if done else None)
+        whole = tuple(dict.fromkeys((FORMATION_METRIC, *head_slice.whole)))
+        steps, grids = store.head_score_grids(run, probe_hash=probe_hash, steps=[] if at is None else [at], whole=whole)
     shape = next(iter(grids.values())).shape[1:] if grids else (0, 0)
     _, model = store.model_score_series(run, probe_hash=probe_hash)
     loss = store.curves(run, LOSS_CURVE, probe_hash=probe_hash)

@@ -865,32 +865,50 @@ class ResultStore:
         return steps, grids[metric]
 
     def head_score_grids(
-        self, run: str, metrics: Sequence[str] | None = None, *, probe_hash: str | None = None
+        self,
+        run: str,
+        metrics: Sequence[str] | None = None,
+        *,
+        probe_hash: str | None = None,
+        steps: Sequence[int] | None = None,
+        whole: Sequence[str] = (),
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """`head_score_grid` of several metrics, or of every metric the run has (by name) when
         ``metrics`` is None. The steps and extents are read once, and the rows in one pass,
-        a chunk at a time, so memory holds the grids and one chunk, never every row."""
+        a chunk at a time, so memory holds the grids and one chunk, never every row.
+
+        steps: read the metrics at these steps only (NaN at the other done steps), except
+        those named in ``whole``, read at every step: what `show` needs of a 154-checkpoint
+        run (every score at one step, two at all) without reading every row. The extents
+        are then those of the rows read.
+        """
         resolved = self.resolve_probe_hash(run, probe_hash)
         if resolved is None:
             return np.zeros(0, np.int64), {metric: np.zeros((0, 0, 0)) for metric in metrics or ()}
-        steps = self._done_step_array(run, resolved)
+        done = self._done_step_array(run, resolved)
         where, params = "WHERE run = ? AND probe_hash = ?", [run, resolved]
-        extents = self._conn.execute(f"SELECT metric, max(layer), max(head) FROM head_scores {where} GROUP BY metric", params)
-        stored = {name: (layers, heads) for name, layers, heads in extents}
-        n_layers = max((layers + 1 for layers, _ in stored.values()), default=0)
-        n_heads = max((heads + 1 for _, heads in stored.values()), default=0)
-        names = sorted(stored) if metrics is None else list(dict.fromkeys(metrics))
-        stack = np.full((len(names), len(steps), n_layers, n_heads), np.nan)
+        if steps is not None:
+            where += f" AND (step IN ({', '.join('?' * len(steps))}) OR metric IN ({', '.join('?' * len(whole))}))"
+            params += [*map(int, steps), *whole]
+        # The extents of every head score read (any metric), so that a layer where one metric is
+        # undefined throughout still has its NaN slice.
+        extents = self._conn.execute(f"SELECT max(layer), max(head) FROM head_scores {where}", params).fetchone()
+        n_layers, n_heads = (0 if extent is None else extent + 1 for extent in extents)
+        if metrics is None:
+            listed = self._conn.execute("SELECT DISTINCT metric FROM head_scores WHERE run = ? AND probe_hash = ?", (run, resolved))
+            names = sorted(name for (name,) in listed)
+        else:
+            names = list(dict.fromkeys(metrics))
+        where += f" AND metric IN ({', '.join('?' * len(names))})"
+        params += names
+        stack = np.full((len(names), len(done), n_layers, n_heads), np.nan)
         index = {name: i for i, name in enumerate(names)}
-        cursor = self._conn.execute(
-            f"SELECT metric, step, layer, head, value FROM head_scores {where} AND metric IN ({', '.join('?' * len(names))})",
-            [*params, *names],
-        )
+        cursor = self._conn.execute(f"SELECT metric, step, layer, head, value FROM head_scores {where}", params)
         while chunk := cursor.fetchmany(_READ_CHUNK):
             metric, step, layer, head, value = zip(*chunk)
-            at = np.searchsorted(steps, np.asarray(step, np.int64))
+            at = np.searchsorted(done, np.asarray(step, np.int64))
             stack[[index[m] for m in metric], at, np.asarray(layer, np.int64), np.asarray(head, np.int64)] = value
-        return steps, {name: stack[i] for i, name in enumerate(names)}
+        return done, {name: stack[i] for i, name in enumerate(names)}
 
     def model_score_series(
         self, run: str, metrics: Sequence[str] | None = None, *, probe_hash: str | None = None

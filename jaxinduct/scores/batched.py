@@ -330,7 +330,7 @@ class _GivenScores:
     def of(self, compute: Callable[..., T]) -> T:
         if compute not in self._known:
             # A score other than a verdict must be given; the verdicts and their helpers are computed.
-            needed = [s.name for s in registry.scores() if s.compute is compute and not s.verdict]
+            needed = [s.name for s in registry.scores() if s.function is compute and not s.verdict]
             if needed:
                 raise registry.UnknownScoreError(f"induction_verdicts needs the head score {needed[0]!r}, which was not given")
             self._known[compute] = compute(self)
@@ -344,9 +344,9 @@ def induction_verdicts(head: Mapping[str, Float[Array, "layer head"]], threshold
     Comparisons with NaN are false: a head whose score is undefined never passes.
     """
     head_scores = registry.scores(Kind.HEAD)
-    known = {s.compute: head[s.name] for s in head_scores if s.name in head}
+    known = {s.function: head[s.name] for s in head_scores if s.name in head}
     given = cast(Checkpoint, _GivenScores(known, ProbeConfig(thresholds=thresholds), jnp.result_type(*head.values())))
-    return {s.name: given.of(s.compute) for s in head_scores if s.verdict}
+    return {s.name: given.of(s.function) for s in head_scores if s.verdict}
 
 
 def _checkpoint_scores(
@@ -359,7 +359,7 @@ def _checkpoint_scores(
     checkpoint = LazyCheckpoint(weights, probes, config)
     groups: dict[Kind, dict[str, Array]] = {kind: {} for kind in Kind}
     for score in registry.scores() if selection is None else selection:
-        value = checkpoint.of(score.compute)
+        value = checkpoint.of(score.function)
         if value is not None:
             groups[score.kind][score.name] = value
     return ScoreResults(**{kind.value: groups[kind] for kind in Kind})

@@ -25,13 +25,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import importlib
 from collections.abc import Callable, Iterator, Sequence
-
-from jaxtyping import Array
+from typing import TYPE_CHECKING, Any
 
 from jaxinduct.errors import JaxInductError
-from jaxinduct.scores import ablation, empirical, losses, mechanistic, verdicts
-from jaxinduct.scores.context import Checkpoint
+
+if TYPE_CHECKING:
+    from jaxtyping import Array
+
+    from jaxinduct.scores.context import Checkpoint
 
 # Bumped whenever a definition changes what a score's number is: part of the results'
 # identity in the store (`jaxinduct.engine.scan.probe_identity`), so old and new numbers are never mixed.
@@ -71,7 +74,10 @@ class Score:
     """One registered score. Hashable (the compiled pass is specialised on a selection of these).
 
     compute: the score of one checkpoint, from the `Checkpoint` it is given; None where
-        the probes do not define it (the name is then absent from the results).
+        the probes do not define it (the name is then absent from the results). Either the
+        function or its name as "module:function" (the built-in scores: so that the readers,
+        which only need names and titles, start without importing JAX); ``function`` is the
+        function either way.
     title: a short column title (``jaxinduct show``); the name when None.
     value_range: the values it can take, where bounded (the report's colour scale).
     headline: a context column of ``show``; with a value_range also a head map in the report.
@@ -83,12 +89,19 @@ class Score:
     kind: Kind
     family: Family | str  # a Family for the built-in scores; any name for one registered elsewhere
     meaning: str
-    compute: Callable[[Checkpoint], Array | None]
+    compute: Callable[[Checkpoint], Array | None] | str
     title: str | None = None
     value_range: tuple[float, float] | None = None
     headline: bool = False
     verdict: bool = False
     label: str | None = None
+
+    @property
+    def function(self) -> Callable[[Checkpoint], Array | None]:
+        """``compute`` as a function (imported on first use when given by name)."""
+        if callable(self.compute):
+            return self.compute
+        return _imported(self.compute)
 
     @property
     def words(self) -> str:
@@ -101,8 +114,15 @@ class Score:
         if self.value_range is not None:
             low, high = self.value_range
             object.__setattr__(self, "value_range", (float(low), float(high)))
+        if isinstance(self.compute, str) and self.compute.count(":") != 1:
+            raise ValueError(f"a score's compute given by name is 'module:function', got {self.compute!r}")
         if not self.name.isidentifier():
             raise ValueError(f"a score name is a Python identifier (it becomes a column and a file name), got {self.name!r}")
+
+
+def _imported(qualified: str) -> Callable[..., Any]:
+    module, name = qualified.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 _EMPIRICAL, _MECHANISTIC, _LOSSES = Family.EMPIRICAL, Family.MECHANISTIC, Family.LOSSES
@@ -115,87 +135,87 @@ _BUILTIN: tuple[Score, ...] = (
     # --- head scores [layer, head] ---
     Score("prefix_matching", Kind.HEAD, _EMPIRICAL,
           "attention from a repeated token to the successor of its earlier copies (1: induction head)",
-          empirical.prefix_matching_heads, title="prefix", value_range=_UNIT, headline=True),
+          "jaxinduct.scores.empirical:prefix_matching_heads", title="prefix", value_range=_UNIT, headline=True),
     Score("copying", Kind.HEAD, _EMPIRICAL,
           "does the head raise the logits of the tokens it attends to (1) or lower them (-1)",
-          empirical.copying_heads, title="copy", value_range=_SIGNED, headline=True),
+          "jaxinduct.scores.empirical:copying_heads", title="copy", value_range=_SIGNED, headline=True),
     Score("ov_copying", Kind.HEAD, _MECHANISTIC,
           "positivity of the full OV circuit's eigenvalues (1: copies every token)",
-          mechanistic.ov_copying_heads, title="ov_copy", value_range=_SIGNED, headline=True, label="OV copying"),
+          "jaxinduct.scores.mechanistic:ov_copying_heads", title="ov_copy", value_range=_SIGNED, headline=True, label="OV copying"),
     Score("previous_token", Kind.HEAD, _EMPIRICAL,
           "attention to the previous position (dataset text, else random tokens)",
-          empirical.previous_token_heads, title="prev", headline=True),
+          "jaxinduct.scores.empirical:previous_token_heads", title="prev", headline=True),
     Score("induction_qk_positivity", Kind.HEAD, _MECHANISTIC,
           "induction QK positivity of the pairs into this head, weighted by the sources' previous_token",
-          mechanistic.induction_qk_positivity_heads, title="qk_pos", value_range=_SIGNED, headline=True,
+          "jaxinduct.scores.mechanistic:induction_qk_positivity_heads", title="qk_pos", value_range=_SIGNED, headline=True,
           label="induction QK positivity"),
     Score("duplicate_token", Kind.HEAD, _EMPIRICAL,
           "attention from a repeated token to its earlier copies",
-          empirical.duplicate_token_heads),
+          "jaxinduct.scores.empirical:duplicate_token_heads"),
     Score("prefix2_sensitivity", Kind.HEAD, _EMPIRICAL,
           "prefix_matching lost when predecessors change (>0: matches two tokens back)",
-          empirical.prefix2_sensitivity),
+          "jaxinduct.scores.empirical:prefix2_sensitivity"),
     Score("qk_prev_token", Kind.HEAD, _MECHANISTIC,
           "how far the positional QK circuit alone points at the previous position (learned/shortformer)",
-          mechanistic.qk_prev_token_heads),
+          "jaxinduct.scores.mechanistic:qk_prev_token_heads"),
     Score("induction_qk_trace", Kind.HEAD, _MECHANISTIC,
           "induction QK trace of the pairs into this head, weighted by the sources' previous_token",
-          mechanistic.induction_qk_trace_heads),
+          "jaxinduct.scores.mechanistic:induction_qk_trace_heads"),
     Score("pointer_arithmetic", Kind.HEAD, _MECHANISTIC,
           "pointer arithmetic of the pairs into this head, weighted by the sources' duplicate_token",
-          mechanistic.pointer_arithmetic_heads),
+          "jaxinduct.scores.mechanistic:pointer_arithmetic_heads"),
     Score("induction_behaviour", Kind.HEAD, _VERDICTS,
           "1 where prefix_matching and copying pass their thresholds",
-          verdicts.induction_behaviour, title="behav", verdict=True, label="behaviour"),
+          "jaxinduct.scores.verdicts:induction_behaviour", title="behav", verdict=True, label="behaviour"),
     Score("induction_mechanism", Kind.HEAD, _VERDICTS,
           "1 where ov_copying and induction_qk_positivity pass, with a previous-token head upstream",
-          verdicts.induction_mechanism, title="mech", verdict=True, label="mechanism"),
+          "jaxinduct.scores.verdicts:induction_mechanism", title="mech", verdict=True, label="mechanism"),
     Score("induction_verdicts_agree", Kind.HEAD, _VERDICTS,
           "1 where the behaviour and mechanism verdicts agree",
-          verdicts.induction_verdicts_agree, verdict=True),
+          "jaxinduct.scores.verdicts:induction_verdicts_agree", verdict=True),
     Score("ablation_icl_delta", Kind.HEAD, _ABLATION,
           "icl_score with the head's output zeroed minus icl_score (dataset)",
-          ablation.ablation_icl_delta, label="full ablation: change of ICL score"),
+          "jaxinduct.scores.ablation:ablation_icl_delta", label="full ablation: change of ICL score"),
     Score("ablation_icl_delta_pattern_preserving", Kind.HEAD, _ABLATION,
           "as ablation_icl_delta, with every attention pattern frozen to the clean run's (dataset)",
-          ablation.ablation_icl_delta_pattern_preserving, label="pattern-preserving: change of ICL score"),
+          "jaxinduct.scores.ablation:ablation_icl_delta_pattern_preserving", label="pattern-preserving: change of ICL score"),
     # --- pair scores [src_layer, src_head, dst_layer, dst_head] ---
     Score("q_composition", Kind.PAIR, _MECHANISTIC,
           "|W_OV1 W_QK2|_F / (|W_OV1|_F |W_QK2|_F): the source feeds the destination's queries",
-          mechanistic.q_composition_pairs),
+          "jaxinduct.scores.mechanistic:q_composition_pairs"),
     Score("k_composition", Kind.PAIR, _MECHANISTIC,
           "as q_composition against W_QK2^T: the source feeds the destination's keys",
-          mechanistic.k_composition_pairs),
+          "jaxinduct.scores.mechanistic:k_composition_pairs"),
     Score("v_composition", Kind.PAIR, _MECHANISTIC,
           "as q_composition against W_OV2: the source feeds the destination's values",
-          mechanistic.v_composition_pairs),
+          "jaxinduct.scores.mechanistic:v_composition_pairs"),
     Score("induction_qk_positivity", Kind.PAIR, _MECHANISTIC,
           "positivity of W_E W_QK2 (W_E W_OV1)^T: query token against the key's previous token",
-          mechanistic.induction_qk_positivity_pairs),
+          "jaxinduct.scores.mechanistic:induction_qk_positivity_pairs"),
     Score("induction_qk_trace", Kind.PAIR, _MECHANISTIC,
           "trace of W_E W_QK2 (W_E W_OV1)^T (Olsson's QK eigenvalue trace; unnormalised)",
-          mechanistic.induction_qk_trace_pairs),
+          "jaxinduct.scores.mechanistic:induction_qk_trace_pairs"),
     Score("pointer_arithmetic", Kind.PAIR, _MECHANISTIC,
           "the destination, reading a position the source copied, attends one further (learned positions)",
-          mechanistic.pointer_arithmetic_pairs),
+          "jaxinduct.scores.mechanistic:pointer_arithmetic_pairs"),
     # --- model scores [] ---
     Score("icl_score", Kind.MODEL, _LOSSES,
           "loss at context index icl_late minus at icl_early (dataset; negative: in-context learning)",
-          losses.icl_score, label="ICL score (loss@late - loss@early)"),
+          "jaxinduct.scores.losses:icl_score", label="ICL score (loss@late - loss@early)"),
     Score("induction_loss", Kind.MODEL, _LOSSES,
           "mean loss on the second half of the repeated random tokens",
-          losses.induction_loss, label="induction loss (nats)"),
+          "jaxinduct.scores.losses:induction_loss", label="induction loss (nats)"),
     # --- curves [seq] ---
     Score("per_token_loss", Kind.CURVE, _LOSSES,
           "mean loss at every context index of the dataset (NaN at 0)",
-          losses.per_token_loss),
+          "jaxinduct.scores.losses:per_token_loss"),
     # --- head curves [layer, head, seq] ---
     Score("ablation_per_token_loss_delta", Kind.HEAD_CURVE, _ABLATION,
           "per_token_loss with the head's output zeroed minus per_token_loss (dataset)",
-          ablation.ablation_per_token_loss_delta),
+          "jaxinduct.scores.ablation:ablation_per_token_loss_delta"),
     Score("ablation_per_token_loss_delta_pattern_preserving", Kind.HEAD_CURVE, _ABLATION,
           "as ablation_per_token_loss_delta, with attention patterns frozen (dataset)",
-          ablation.ablation_per_token_loss_delta_pattern_preserving),
+          "jaxinduct.scores.ablation:ablation_per_token_loss_delta_pattern_preserving"),
 )  # fmt: skip
 
 _REGISTRY: dict[tuple[str, Kind], Score] = {}
