@@ -452,7 +452,7 @@ def test_export_csv_columns_and_values(two_run_store, tmp_path):
     assert export(two_run_store, "model", "csv", out) == 2
     assert read_csv(out) == [
         ["run", "step", "metric", "value"],
-        ["a", "2", "icl_score", "-1.0"],
+        ["a", "2", "icl_score", "-1"],  # shortest round-trip form
         ["b", "7", "icl_score", "0.25"],
     ]
 
@@ -461,15 +461,31 @@ def test_export_csv_columns_and_values(two_run_store, tmp_path):
         ["run", "step", "layer", "head", "metric", "value"],
         ["a", "1", "0", "0", "prefix_matching", "0.5"],
         ["a", "1", "1", "0", "prefix_matching", "0.25"],
-        ["a", "1", "1", "1", "prefix_matching", "1.0"],
+        ["a", "1", "1", "1", "prefix_matching", "1"],
         ["a", "1", "0", "0", "previous_token", "0.125"],
-        ["a", "1", "0", "1", "previous_token", "0.0"],
+        ["a", "1", "0", "1", "previous_token", "0"],
     ]
 
     assert export(two_run_store, "pairs", "csv", out.with_name("pairs.csv"), run="b") == 0
     pairs_header = ["run", "step", "kind", "src_layer", "src_head", "dst_layer", "dst_head", "value"]
     assert read_csv(out.with_name("pairs.csv")) == [pairs_header]
     assert sorted(os.listdir(out.parent)) == ["heads.csv", "model.csv", "pairs.csv"]  # no temporary files left
+
+
+def test_csv_pairs_read_back_exactly_with_any_run_name(tmp_path):
+    values = np.full((2, 2, 2, 2), np.nan, np.float32)
+    values[0, :, 1, :] = [[1e-5, 1 / 3], [-2.5e20, 0.1]]  # float32: 1/3 and 0.1 are not short in decimal
+    name = 'run, "quoted"'
+    with ResultStore.open(tmp_path / "s.sqlite") as store:
+        store.ensure_run(name, "/src", json.dumps({}))
+        store.record_probe_config(HASH, json.dumps({}))
+        store.write_batch(name, HASH, [CheckpointScores(step=3, pair={"k_composition": values})])
+        assert export(store, "pairs", "csv", tmp_path / "p.csv") == 4
+    header, *rows = read_csv(tmp_path / "p.csv")
+    assert header == ["run", "step", "kind", "src_layer", "src_head", "dst_layer", "dst_head", "value"]
+    assert [r[:7] for r in rows] == [[name, "3", "k_composition", "0", str(h), "1", str(d)] for h in (0, 1) for d in (0, 1)]
+    # Every stored float32 value comes back exactly (read as a double, narrowed).
+    assert [np.float32(float(r[7])) for r in rows] == [np.float32(v) for v in (1e-5, 1 / 3, -2.5e20, 0.1)]
 
 
 def test_export_a_parquet_dataset_partitioned_by_run_and_step(tmp_path):
@@ -560,10 +576,11 @@ def test_a_large_batch_is_written_whole(tmp_path):
         assert len(store.head_scores(RUN)) == 64 * 144 * 15
 
 
-def test_parquet_without_pyarrow_is_a_clear_error(two_run_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_export_without_pyarrow_is_a_clear_error(two_run_store, tmp_path, monkeypatch, fmt):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` raise ImportError
-    with pytest.raises(StoreError, match="Parquet export needs pyarrow.*--format csv"):
-        export(two_run_store, "heads", "parquet", tmp_path / "x.parquet")
+    with pytest.raises(StoreError, match="export needs pyarrow.*pip install pyarrow"):
+        export(two_run_store, "heads", fmt, tmp_path / f"x.{fmt}")
     assert os.listdir(tmp_path) == ["s.sqlite"]
 
 

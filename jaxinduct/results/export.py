@@ -4,13 +4,12 @@ One file per table (heads, pairs, model), one row per stored score, the columns 
 ``EXPORT_COLUMNS``. Rows stream from the store a chunk at a time, so an export of any
 size runs in bounded memory; that is why export reads the store's tables rather than a
 `jaxinduct.results.run_view.RunView` (which holds whole runs), at the same probe hash the
-view reads (a run's latest, `ResultStore.resolve_probe_hash`). Pure Python (pyarrow for
-Parquet), no JAX.
+view reads (a run's latest, `ResultStore.resolve_probe_hash`). pyarrow writes both
+formats; no JAX.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import shutil
@@ -47,18 +46,13 @@ def _export_runs(store: ResultStore, run: str | None, probe_hash: str | None) ->
             yield name, resolved
 
 
-def _export_chunks(store: ResultStore, table: str, run: str | None, probe_hash: str | None) -> Iterator[list[tuple]]:
-    """Rows of ``table`` in export column order, run by run, each run at its chosen probe hash."""
-    for name, resolved in _export_runs(store, run, probe_hash):
-        yield from store.score_rows(_SOURCE[table], EXPORT_COLUMNS[table], name, resolved)
-
-
 # A column chunk: column name -> values (a sequence) or one value for every row (a scalar).
 Columns = dict[str, Any]
 
 
 def _export_columns(store: ResultStore, table: str, run: str | None, probe_hash: str | None) -> Iterator[Columns]:
-    """``_export_chunks`` as column chunks; pairs straight from the packed arrays (no tuple per value)."""
+    """Rows of ``table`` in export column order, run by run, each run at its chosen probe hash,
+    as column chunks; pairs straight from the packed arrays (no tuple per value)."""
     columns = EXPORT_COLUMNS[table]
     for name, resolved in _export_runs(store, run, probe_hash):
         if table == "pairs":
@@ -81,14 +75,23 @@ def _arrow_column(values: Any, n: int, type_: Any) -> Any:
     return pa.array(values if isinstance(values, np.ndarray) else list(values), type=type_)
 
 
-def _write_csv(path: Path, columns: Sequence[str], chunks: Iterable[list[tuple]]) -> int:
+def _write_csv(path: Path, columns: Sequence[str], chunks: Iterable[Columns]) -> int:
+    # Arrow's CSV writer formats the column chunks in C++: 65M pair rows of 154 Pythia-1.4B
+    # checkpoints in seconds, where Python's csv module took two minutes. Numbers are written
+    # in their shortest round-trip form (2, not 2.0); text is quoted only where it must be.
+    pa, _ = _pyarrow()
+    import pyarrow.csv as pa_csv
+
+    schema = _schema(pa, columns)
+    options = pa_csv.WriteOptions(include_header=False, quoting_style="needed")
     n = 0
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for chunk in chunks:
-            writer.writerows(chunk)
-            n += len(chunk)
+    with open(path, "wb") as f:
+        f.write((",".join(columns) + "\n").encode())  # unquoted, as the csv module writes it
+        with pa_csv.CSVWriter(f, schema, write_options=options) as writer:
+            for chunk in chunks:
+                rows = _rows_in(chunk)
+                writer.write_batch(pa.record_batch([_arrow_column(chunk[c.name], rows, c.type) for c in schema], schema=schema))
+                n += rows
     return n
 
 
@@ -110,7 +113,8 @@ def _pyarrow() -> tuple[Any, Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise StoreError("Parquet export needs pyarrow. Fix: pip install pyarrow==26.0.1, or export --format csv.") from e
+        # A dependency of jaxinduct, so missing only from a broken install.
+        raise StoreError("export needs pyarrow, which is not installed. Fix: pip install pyarrow==26.0.1.") from e
     return pa, pq
 
 
@@ -209,9 +213,7 @@ def export(
         if fmt != "parquet":
             raise StoreError("--partition writes a Parquet dataset; use it with --format parquet.")
         return _export_dataset(out_path, EXPORT_COLUMNS[table], _export_columns(store, table, run, probe_hash))
-    # Parquet is columnar: it takes column chunks (pairs without a tuple per value); CSV rows.
-    read = _export_columns if fmt == "parquet" else _export_chunks
-    chunks = read(store, table, run, probe_hash)
+    chunks = _export_columns(store, table, run, probe_hash)  # pairs without a tuple per value
     # A plain sibling name rather than mkstemp: the export gets the usual (umask) permissions.
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
