@@ -164,11 +164,12 @@ def local_rows(mesh: Mesh, batch: int) -> list[int]:
 def place_batch(local: Sequence[Weights], spec: ModelSpec, shardings: dict[str, NamedSharding], batch: int) -> Weights:
     """Stack this process's rows on the host and assemble the global [K, ...] batch on the mesh.
 
-    shardings: `weight_shardings(spec, mesh)`, computed once per scan.
+    shardings: `weight_shardings(spec, mesh)`, computed once per scan. Each leaf keeps its
+    dtype (float16 checkpoints are moved as float16; the program widens them).
     """
     arrays = {}
     for name in expected_shapes(spec):
-        stacked = np.stack([np.asarray(getattr(w, name), np.float32) for w in local])
+        stacked = np.stack([np.asarray(getattr(w, name)) for w in local])
         global_shape = (batch, *stacked.shape[1:])
         arrays[name] = jax.make_array_from_process_local_data(shardings[name], stacked, global_shape)
     return make_weights(spec, arrays, batch_dims=1)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -31,7 +32,9 @@ from transformers import (
 from jaxinduct.errors import JaxInductError
 from jaxinduct.model.forward import forward
 from jaxinduct.checkpoints.hf_weights import HFImportError, load_hf_weights, read_hf_config, spec_from_hf_config
-from jaxinduct.model.weights import ModelSpec
+from jaxinduct.model.weights import ModelSpec, stack_weights
+from jaxinduct.scores.batched import score_all
+from jaxinduct.scores.probes import ProbeConfig, make_probes
 
 SEQ = 12
 BATCH = 2
@@ -188,16 +191,26 @@ def test_gpt2_names_without_the_transformer_prefix(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision_checkpoints_widen_exactly(tmp_path, dtype):
+def test_half_precision_checkpoints_stay_half_and_widen_exactly(tmp_path, dtype):
     config = neox_config()
     full_dir = save_model(tmp_path / "full", config, seed=6)
     model = GPTNeoXForCausalLM.from_pretrained(full_dir, dtype=torch.float32).to(dtype)
     model.save_pretrained(tmp_path / "half", safe_serialization=True)
     full, half = load_hf_weights(full_dir), load_hf_weights(tmp_path / "half")
+    stored = {torch.bfloat16: np.dtype(ml_dtypes.bfloat16), torch.float16: np.dtype(np.float16)}[dtype]
     for name, array in full.arrays().items():
         rounded = torch.from_numpy(np.ascontiguousarray(array)).to(dtype).float().numpy()
-        assert getattr(half, name).dtype == np.float32
-        np.testing.assert_array_equal(getattr(half, name), rounded, err_msg=name)
+        assert getattr(half, name).dtype == stored, name  # half the bytes on the host
+        np.testing.assert_array_equal(getattr(half, name).astype(np.float32), rounded, err_msg=name)
+    # Scored as stored, widened inside the program: the scores of the float32 widening, to float32
+    # rounding (XLA may fuse the widening into the first products, which reorders a sum).
+    probes = make_probes(half.spec, ProbeConfig(n_examples=4, block_len=6))
+    widened = jax.tree.map(lambda x: np.asarray(x, np.float32), half)
+    as_stored = score_all(stack_weights([half, half]), probes)
+    as_float32 = score_all(stack_weights([widened, widened]), probes)
+    for kind in ("head", "pair", "model"):
+        for name, values in getattr(as_float32, kind).items():
+            np.testing.assert_allclose(getattr(as_stored, kind)[name], values, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):

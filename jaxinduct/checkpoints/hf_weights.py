@@ -5,7 +5,10 @@ No torch at run time and nothing is ever unpickled: tensors are read with
 ``model.safetensors.index.json`` lists. A directory holding only pickle-based weights
 (``pytorch_model.bin``, ``*.pt``, ...) is refused, because loading a pickle can run
 arbitrary code. Every tensor is checked against the shape ``config.json`` implies
-before it is used, and returned as float32 numpy (float16 and bfloat16 are widened).
+before it is used, and returned as numpy in its stored dtype: float16 and bfloat16 (an
+ml_dtypes type) stay half the bytes of float32 on the host and in transfer, and the scan
+program widens them where it computes (`jaxinduct.model.weights.widened`); float64 is
+narrowed to float32, the precision every score is computed in.
 
 Layouts, with the tensor names transformers 5.24 writes (D = d_model, H = heads,
 E = d_head, V = vocabulary, M = d_mlp):
@@ -57,6 +60,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -291,7 +295,7 @@ def _bos_token_id(c: Mapping[str, Any], d_vocab: int) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class _TensorFiles:
-    """Where each tensor of a checkpoint lives, and a checked, float32 reader for them."""
+    """Where each tensor of a checkpoint lives, and a checked reader for them (stored dtype)."""
 
     location: dict[str, Path]  # tensor name -> the safetensors file holding it
     listing: Path  # the file that lists the tensors (model.safetensors or the index)
@@ -301,7 +305,8 @@ class _TensorFiles:
         return name in self.location
 
     def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """Tensor ``name`` as float32, after checking it has the shape config.json implies."""
+        """Tensor ``name`` in its stored dtype (float64 as float32), after checking it has the
+        shape config.json implies."""
         if name not in self.location:
             raise HFImportError(
                 f"{self.listing}: no tensor {name!r}, which the model that {self.config_path} describes needs; "
@@ -324,24 +329,24 @@ class _TensorFiles:
                         f"{CONFIG_FILE} does not describe these weights: fix it, or pair the weights with their own "
                         f"{CONFIG_FILE}"
                     )
-                # numpy has no bfloat16, so safetensors' numpy reader refuses it: widen the raw bits.
+                # safetensors' numpy reader refuses BF16: read its raw bits as ml_dtypes' bfloat16.
                 array = _read_bf16(path, name) if dtype == "BF16" else f.get_tensor(name)
         except SafetensorError as e:
             raise HFImportError(f"{path}: not a readable safetensors file ({e}); {RESAVE_HINT}") from None
-        if not np.issubdtype(array.dtype, np.floating):
+        if not (np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16):
             raise HFImportError(f"{path}: tensor {name!r} has dtype {dtype}, expected floating point weights")
-        return np.asarray(array, dtype=np.float32)
+        return array.astype(np.float32) if array.dtype.itemsize > 4 else array
 
 
 def _read_bf16(path: Path, name: str) -> np.ndarray:
-    """A BF16 tensor as float32: bfloat16 is the top 16 bits of a float32."""
+    """A BF16 tensor as an ml_dtypes bfloat16 array (numpy has no bfloat16 of its own)."""
     # safetensors layout: little-endian u64 header size, JSON header, then the data buffer.
     with path.open("rb") as fh:
         (header_size,) = struct.unpack("<Q", fh.read(8))
         entry = json.loads(fh.read(header_size))[name]
     start, end = entry["data_offsets"]
     raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2, offset=8 + header_size + start)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
+    return raw.view(ml_dtypes.bfloat16).reshape(entry["shape"])
 
 
 def _open_tensor_files(model_dir: Path, config_path: Path) -> _TensorFiles:
@@ -396,7 +401,8 @@ def _read_index(index: Path) -> dict[str, Path]:
 
 
 def load_hf_weights(model_dir: str | os.PathLike[str]) -> Weights:
-    """Canonical float32 numpy Weights from a Hugging Face GPT-2 or GPT-NeoX model directory."""
+    """Canonical numpy Weights from a Hugging Face GPT-2 or GPT-NeoX model directory, each
+    tensor in its stored dtype (module doc); the zero biases the format leaves out in W_E's."""
     model_dir = Path(model_dir)
     config = read_hf_config(model_dir)
     config_path = model_dir / CONFIG_FILE
@@ -425,7 +431,7 @@ def _gpt2_arrays(files: _TensorFiles, spec: ModelSpec, config: Mapping[str, Any]
         "ln_final_w": files.read(f"{p}ln_f.weight", (D,)),
         "ln_final_b": files.read(f"{p}ln_f.bias", (D,)),
         "W_U": W_U,
-        "b_U": np.zeros(V, np.float32),
+        "b_U": np.zeros(V, W_E.dtype),
         **_stack(layers),
     }
 
@@ -468,7 +474,7 @@ def _neox_arrays(files: _TensorFiles, spec: ModelSpec, config: Mapping[str, Any]
         "ln_final_w": files.read(f"{p}final_layer_norm.weight", (D,)),
         "ln_final_b": files.read(f"{p}final_layer_norm.bias", (D,)),
         "W_U": W_U,
-        "b_U": np.zeros(V, np.float32),
+        "b_U": np.zeros(V, W_E.dtype),
         **_stack(layers),
     }
 
@@ -483,7 +489,8 @@ def _neox_layer(files: _TensorFiles, spec: ModelSpec, p: str, with_bias: bool) -
         qkv_b = files.read(f"{p}attention.query_key_value.bias", (3 * D,)).reshape(H, 3, E).transpose(1, 0, 2)
         b_O = files.read(f"{p}attention.dense.bias", (D,))
     else:
-        qkv_b, b_O = np.zeros((3, H, E), np.float32), np.zeros(D, np.float32)
+        dtype = qkv.dtype
+        qkv_b, b_O = np.zeros((3, H, E), dtype), np.zeros(D, dtype)
     return {
         "W_Q": qkv[0], "W_K": qkv[1], "W_V": qkv[2],
         "b_Q": qkv_b[0], "b_K": qkv_b[1], "b_V": qkv_b[2],

@@ -50,13 +50,13 @@ from jaxinduct.engine.loader import (
 )
 from jaxinduct.errors import JaxInductError
 from jaxinduct.flags import NO_PREFIX, CommaSeparated, PerPass, SourcePath, StepsFlag, comma_separated, default_is, one_word
-from jaxinduct.model.weights import ModelSpec, zero_weights
+from jaxinduct.model.weights import ModelSpec, zero_weights, zero_weights_like
 from jaxinduct.parallel import MeshConfig, broadcast_steps
 from jaxinduct.results.identity import identity_record
 from jaxinduct.results.phase import DetectionConfig, update_phase_change
 from jaxinduct.results.store import CheckpointScores, ResultStore
 from jaxinduct.scores import registry
-from jaxinduct.scores.batched import ScoreProgram, ScoreResults, compile_score_all
+from jaxinduct.scores.batched import ScoreResults, compile_score_all
 from jaxinduct.scores.probes import ProbeConfig, Probes, make_probes
 
 DEFAULT_BATCH = 8
@@ -326,29 +326,41 @@ def _run_batches(
     summary = ScanSummary(plan.run, plan.probe_hash, plan.selected, plan.already_done)
     per_pass = resolve_per_pass(options.per_pass, plan.mesh)
     rows = parallel.local_rows(plan.mesh, plan.batch)
-    padding = zero_weights(plan.spec)
+    like = zero_weights(plan.spec)  # a padding row's dtypes: float32 until a checkpoint is read
     shardings = parallel.weight_shardings(plan.spec, plan.mesh)
     progress = _Progress(len(plan.todo), enabled=options.progress and jax.process_index() == 0)
     started = time.perf_counter()
     workers = resolve_load_workers(options.load_workers, plan.mesh)
-    program: ScoreProgram | None = None
     writer = _BatchWriter(store, on_batch)
     try:
         gate = RestoreGate(workers)  # concurrent restores: from measured times after each batch
         batch_start = time.perf_counter()
         for steps, restored in prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers, gate):
             loaded = {r: got.checkpoint for r, got in restored.items() if got.checkpoint is not None}
-            local = [loaded[r].weights if r in loaded else padding for r in rows]
+            if loaded:  # padding rows in the run's own dtypes, so they do not widen a float16 stack
+                like = next(iter(loaded.values())).weights
+            padding = zero_weights_like(like) if len(loaded) < len(rows) else None
             ok = parallel.gather_flags(np.array([r in loaded for r in rows], bool), plan.batch)
-            placed = parallel.place_batch(local, plan.spec, shardings, plan.batch)
-            if program is None:  # every batch has the same shape: compiled once, timed apart
-                program = compile_score_all(
-                    placed, plan.probes, mesh=plan.mesh, scores=options.scores, checkpoints_per_pass=per_pass, valid=ok
-                )
-                summary.compile_seconds, summary.compiled_from_disk = program.compile_seconds, program.from_disk
+            placed = parallel.place_batch([loaded[r].weights if r in loaded else padding for r in rows], plan.spec,
+                                          shardings, plan.batch)  # fmt: skip
+            tokens_seen = {r: checkpoint.tokens_seen for r, checkpoint in loaded.items()}
+            # Drop the host copies (the prefetcher shares this dict): from here on only the placed
+            # batch and the next batch's restores are held, as the memory plan counts them.
+            for r, got in restored.items():
+                restored[r] = dataclasses.replace(got, checkpoint=None)
+            del loaded, padding
+            # Memoised by shape and dtype: compiled for the first batch, and again only for a
+            # batch whose dtypes differ (a trajectory saved in float32 at step 0, float16 later).
+            program = compile_score_all(
+                placed, plan.probes, mesh=plan.mesh, scores=options.scores, checkpoints_per_pass=per_pass, valid=ok
+            )
+            compiling = program.compile_seconds
+            summary.compile_seconds += compiling
+            summary.compiled_from_disk |= program.from_disk
             compute_start = time.perf_counter()
             # Rows without a checkpoint (padding, failed restores) are skipped, not scored.
             results = parallel.gather_results(program(placed, ok))
+            del placed
             compute = time.perf_counter() - compute_start
             restore_times = [got.seconds for got in restored.values()]
             if restore_times:
@@ -357,7 +369,7 @@ def _run_batches(
             for row, step in enumerate(steps):
                 got = restored.get(row)
                 if ok[row]:
-                    tokens = got.checkpoint.tokens_seen if got is not None and got.checkpoint is not None else None
+                    tokens = tokens_seen.get(row)
                     seconds = (got.seconds if got is not None else 0.0) + compute / len(steps)
                     records.append(checkpoint_scores(results, row, step, tokens, seconds))
                 else:
@@ -369,7 +381,6 @@ def _run_batches(
             summary.failed += len(failures)
             summary.failures += failures
             now = time.perf_counter()
-            compiling = summary.compile_seconds if not summary.batch_seconds else 0.0
             summary.batch_seconds.append(now - batch_start - compiling)
             batch_start = now
             progress.update(len(steps), steps[-1])

@@ -330,3 +330,24 @@ def host_zeros(structs: Any) -> Any:
 def zero_weights(spec: ModelSpec) -> Weights:
     """Weights of host float32 zeros (one checkpoint): the padding row of a batch with no checkpoint."""
     return host_zeros(abstract_weights(spec))
+
+
+def zero_weights_like(weights: Weights) -> Weights:
+    """Host zeros shaped and typed as ``weights`` (one checkpoint): the padding row of a batch
+    of float16 checkpoints stays float16 (float32 padding would widen the whole stack)."""
+    return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), weights)
+
+
+def widened(weights: Weights) -> Weights:
+    """``weights`` with every floating leaf narrower than float32 (float16, bfloat16) as float32,
+    the precision every score is computed in; other leaves unchanged.
+
+    Called inside the compiled scan program, so that checkpoints stay in their stored dtype
+    (half the bytes) on the host, in the prefetch queue and in transfer.
+    """
+
+    def wide(x: Any) -> Any:
+        narrow = jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 4
+        return x.astype(jnp.float32) if narrow else x
+
+    return jax.tree_util.tree_map(wide, weights)

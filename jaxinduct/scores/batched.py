@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxinduct.model.forward import ForwardOutput, forward
 from jaxinduct.model.processing import VocabularyProducts, process_weights, vocabulary_products
-from jaxinduct.model.weights import ModelSpec, NormKind, Weights
+from jaxinduct.model.weights import ModelSpec, NormKind, Weights, widened
 from jaxinduct.parallel import CheckpointParallel, checkpoint_parallel, mesh_of, per_device, place_flags
 from jaxinduct.scores import registry
 from jaxinduct.scores.compat import DetectionPattern, ErrorMeasure, detection_pattern, pattern_similarity
@@ -354,9 +354,10 @@ def _checkpoint_scores(
 ) -> ScoreResults:
     """The selected scores of one checkpoint (every registered one when None); batched by _score_checkpoints.
 
-    A score whose compute returns None (not defined for these probes) is left out.
+    A score whose compute returns None (not defined for these probes) is left out. Weights
+    stored narrower than float32 are widened here, inside the program (`widened`).
     """
-    checkpoint = LazyCheckpoint(weights, probes, config)
+    checkpoint = LazyCheckpoint(widened(weights), probes, config)
     groups: dict[Kind, dict[str, Array]] = {kind: {} for kind in Kind}
     for score in registry.scores() if selection is None else selection:
         value = checkpoint.of(score.function)
