@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 
 from jaxinduct.cli import main as cli_main
+from jaxinduct.report import figures
 from jaxinduct.report.page import write_report
+from jaxinduct.results.run_view import load_run_view
 from jaxinduct.results.store import CheckpointScores, ResultStore, StoreError
 
 RUN, HASH = "toy", "h1"
@@ -206,3 +209,163 @@ def test_a_run_with_one_checkpoint_is_reported(tmp_path, step):
     assert "phase_change" in report.figures["live"] and "head_maps" in report.figures["live"]
     text = report.index.read_text(encoding="utf-8")
     assert "none found" in text and f"steps {step}..{step}" in text
+
+
+# --- large models: few heads named, the rest one grey aggregate -----------------------------------
+
+BIG_LAYERS, BIG_HEADS, BIG_SEQ = 24, 16, 16  # Pythia-1.4B's 384 heads
+BIG_STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+# Twelve induction heads, strongest first: final prefix_matching 0.90, 0.87, ..., 0.57.
+BIG_INDUCTION = [(8, h) for h in range(8)] + [(12, h) for h in range(4)]
+BIG_SOURCE = (2, 3)  # a previous-token head, not an induction head, with the largest ablation effect
+# Full ablation's change of ICL score once formed: the source 0.5, the two weakest induction heads
+# 0.4 and 0.3, every other induction head 0.05, every other head 0. The top three by ablation are
+# then the source, L12H3 and L12H2; with them, the six strongest induction heads fill the nine
+# named places, and L8H6, L8H7, L12H0 and L12H1 are drawn unnamed.
+BIG_ABLATION = {BIG_SOURCE: 0.5, (12, 3): 0.4, (12, 2): 0.3}
+BIG_NAMED = {"L8H0", "L8H1", "L8H2", "L8H3", "L8H4", "L8H5", "L12H2", "L12H3", "L2H3 (ablation)"}
+BIG_OTHERS = BIG_LAYERS * BIG_HEADS - len(BIG_INDUCTION) - 1  # 371: neither induction head nor the source
+# Heads flagged by the behaviour verdict at steps 1 and 2 only (never induction heads): 45 of them, so
+# that the verdict figure has 57 flagged heads to choose 40 rows from.
+BIG_TRANSIENT = [(l, h) for l in (20, 21, 22) for h in range(BIG_HEADS)][:45]
+
+
+def big_checkpoint(step: int) -> CheckpointScores:
+    on = step >= 256
+    rng = np.random.default_rng(step)
+    shape = (BIG_LAYERS, BIG_HEADS)
+    prefix = 0.03 + 0.02 * rng.random(shape)
+    copying = 0.05 * rng.random(shape)
+    ablation = np.zeros(shape)
+    behaviour = np.zeros(shape)
+    for k, head in enumerate(BIG_INDUCTION):
+        if on:
+            prefix[head] = 0.9 - 0.03 * k
+            copying[head] = 0.7
+            ablation[head] = BIG_ABLATION.get(head, 0.05)
+            behaviour[head] = 1.0
+    if on:
+        ablation[BIG_SOURCE] = BIG_ABLATION[BIG_SOURCE]
+    if step in (1, 2):
+        for head in BIG_TRANSIENT:
+            behaviour[head] = 1.0
+    pair = np.full((*shape, *shape), np.nan)
+    for src_layer in range(BIG_LAYERS):
+        pair[src_layer, :, src_layer + 1 :, :] = 0.1
+    if on:
+        pair[BIG_SOURCE][8, 0] = 0.9  # L2H3 -> L8H0: the strongest pair
+    loss = np.full(BIG_SEQ, 3.0)
+    loss[BIG_SEQ // 2 :] = 1.0 if on else 3.0
+    head_loss = np.zeros((*shape, BIG_SEQ))
+    head_loss[..., BIG_SEQ // 2 :] = ablation[..., None]
+    return CheckpointScores(
+        step=step, tokens_seen=step * 4096,
+        head={"prefix_matching": prefix, "copying": copying, "ov_copying": copying, "induction_behaviour": behaviour,
+              "induction_mechanism": behaviour, "ablation_icl_delta": ablation,
+              "ablation_icl_delta_pattern_preserving": ablation / 2},
+        pair={"k_composition": pair},
+        model={"icl_score": -2.0 if on else -0.1, "induction_loss": 0.5 if on else 4.0},
+        curve={"per_token_loss": loss, "ablation_per_token_loss_delta": head_loss},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "s.sqlite"
+    with ResultStore.open(path) as store:
+        store.ensure_run("big", "/ckpts/big", json.dumps({"n_layers": BIG_LAYERS, "n_heads": BIG_HEADS}))
+        store.record_probe_config(HASH, json.dumps({}))
+        store.write_batch("big", HASH, [big_checkpoint(s) for s in BIG_STEPS])
+    return path
+
+
+def big_view(path: Path):
+    with ResultStore.open(path, readonly=True) as store:
+        return load_run_view(store, "big", "/ckpts/big")
+
+
+def head_labels(ax) -> set[str]:
+    """The legend entries of ``ax`` that name a head."""
+    return {t.get_text() for t in ax.get_legend().get_texts() if re.match(r"L\d+H\d+", t.get_text())}
+
+
+def test_at_384_heads_a_line_figure_names_nine_heads_and_draws_the_others_as_one_band(big_store):
+    view = big_view(big_store)
+    fig = figures.phase_change_figure(view)
+    ax = next(a for a in fig.axes if a.get_ylabel().startswith("prefix matching"))
+    assert head_labels(ax) == BIG_NAMED
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "4 more induction heads" in labels
+    bands = [c for c in ax.collections if c.get_label().startswith(f"other {BIG_OTHERS} heads")]
+    assert len(bands) == 1, "the heads not highlighted are one band"
+    # 9 named + 4 unnamed induction heads + median, min, max + the threshold: far from one line per head.
+    assert len(ax.get_lines()) <= 20
+
+    ablation = figures.ablation_figure(view)
+    first = ablation.axes[0]
+    assert head_labels(first) == BIG_NAMED  # the same heads as in the phase-change figure
+    assert any(c.get_label().startswith(f"other {BIG_OTHERS} heads") for c in first.collections)
+
+
+def test_at_384_heads_composition_is_drawn_by_layer_with_the_strongest_pairs_named(big_store):
+    view = big_view(big_store)
+    fig = figures.composition_figure(view)
+    last = fig.axes[len(view.key_steps) - 1]
+    layer_map = last.images[0].get_array()
+    assert layer_map.shape == (BIG_LAYERS, BIG_LAYERS)
+    assert layer_map[2, 8] == pytest.approx(0.9) and layer_map[2, 9] == pytest.approx(0.1)
+    assert np.ma.is_masked(layer_map[8, 2])  # no pair reads an earlier layer
+    texts = "\n".join(t.get_text() for t in last.texts)
+    assert re.search(r"L2H3 -> L8H0\s+0\.90", texts)
+
+
+def test_at_384_heads_the_verdict_figure_keeps_the_heads_flagged_most(big_store):
+    view = big_view(big_store)
+    fig = figures.verdicts_figure(view)
+    ax = fig.axes[0]
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(rows) == figures.MAX_VERDICT_ROWS == 40
+    # The 12 induction heads are flagged at 3 steps, the transient heads at 2: all 12 stay.
+    assert {f"L{l}H{h}" for l, h in BIG_INDUCTION} <= set(rows)
+    assert "17 flagged at fewer steps left out" in ax.get_title()
+
+
+def test_a_report_at_384_heads_keeps_every_figure_small(big_store, tmp_path):
+    with ResultStore.open(big_store, readonly=True) as store:
+        report = write_report(store, tmp_path / "out")
+    assert set(report.figures["big"]) == ALL_FIGURES
+    for path in report.figures["big"].values():
+        assert path.stat().st_size < 2_000_000, path
+    text = report.index.read_text(encoding="utf-8")
+    assert "L2H3 (0.500)" in text  # the head coloured for its ablation alone is named on the page
+
+
+def test_a_small_model_keeps_one_line_per_head(tmp_path):
+    view_path = make_store(tmp_path / "s.sqlite")
+    with ResultStore.open(view_path, readonly=True) as store:
+        view = load_run_view(store, RUN, f"/ckpts/{RUN}")
+    fig = figures.phase_change_figure(view)
+    ax = next(a for a in fig.axes if a.get_ylabel().startswith("prefix matching"))
+    assert head_labels(ax) == {"L1H1", "L1H2"}
+    grey = [line for line in ax.get_lines() if to_hex(line.get_color()) == to_hex("0.6")]
+    assert len(grey) == N_LAYERS * N_HEADS - 2  # the four other heads, one line each
+    assert not [c for c in ax.collections if c.get_label().startswith("other")]
+
+
+def test_ablation_heads_are_highlighted_only_when_they_stand_out(tmp_path):
+    path = tmp_path / "s.sqlite"
+    flat = np.full((2, 3), 0.02)
+    standout = flat.copy()
+    standout[0, 2] = 0.3
+    with ResultStore.open(path) as store:
+        for run, ablation in (("flat", flat), ("standout", standout)):
+            store.ensure_run(run, f"/{run}", json.dumps({}))
+            store.record_probe_config(HASH, json.dumps({}))
+            batch = [CheckpointScores(step=s, head={"prefix_matching": np.full((2, 3), 0.03), "ablation_icl_delta": ablation})
+                     for s in (0, 10, 20)]  # fmt: skip
+            store.write_batch(run, HASH, batch)
+    with ResultStore.open(path, readonly=True) as store:
+        flat_view, standout_view = (load_run_view(store, run, f"/{run}") for run in ("flat", "standout"))
+    assert figures.top_ablation_heads(flat_view) == []  # every head alike: nothing stands out
+    assert figures.top_ablation_heads(standout_view) == [(0, 2)]
+    assert figures.highlighted_heads(standout_view).named == ((0, 2),)

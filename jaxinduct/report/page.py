@@ -22,7 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxinduct.report.figures import FIGURES, induction_heads
+from jaxinduct.report.figures import (
+    FIGURES,
+    ablation_effect,
+    highlighted_heads,
+    induction_heads,
+    save_figure,
+    strongest_first,
+)
 from jaxinduct.report.format import format_value, head_name
 from jaxinduct.report.headline import map_metrics, model_metrics, verdict_columns, words
 from jaxinduct.results.run_view import RunView, load_run_view, select_runs
@@ -30,18 +37,23 @@ from jaxinduct.results.store import ResultStore
 
 CAPTIONS = {
     "phase_change": "ICL score, induction loss and every head's prefix matching over training; "
-    "the detected phase change is shaded, induction heads are in colour.",
+    "the detected phase change is shaded, the strongest induction heads (and the heads whose ablation matters most) "
+    "are in colour, the other heads grey (in a large model, one band: their 10-90% range, median, min and max).",
     "head_maps": "Layer x head maps of the headline scores at the first step, the phase change and the last step.",
     "copying_vs_prefix": "Copying against prefix matching, one point per head per step; induction heads move to the "
     "top right as they form. Dashed: the behavioural verdict's thresholds.",
-    "composition": "K-composition of every (earlier source head, later destination head) pair at three steps: "
+    "composition": "K-composition of every (earlier source head, later destination head) pair at three steps "
+    "(in a large model, the strongest pair of each pair of layers, and the strongest head pairs named): "
     "induction heads read the previous-token head's output in their keys.",
     "per_token_loss": "Loss at each context index over training; after the phase change, late tokens get cheaper.",
     "ablation": "The change of ICL score when one head is ablated (full, and with attention patterns frozen), "
-    "and each full ablation's per-token-loss change projected on the phase change's direction.",
+    "and each full ablation's per-token-loss change projected on the phase change's direction; "
+    "the same heads in colour as above, the others grey.",
     "verdicts": "Which heads the behavioural verdict (prefix matching and copying) and the mechanistic verdict "
     "(OV copying, QK positivity, a previous-token head upstream) flag at each step, and where they disagree.",
 }
+
+MAX_TABLE_ROWS = 32  # induction heads the table lists at most (the strongest); the note says how many more
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -78,6 +90,15 @@ def _summary_rows(view: RunView) -> list[tuple[str, str]]:
     return rows
 
 
+def _table_heads(view: RunView) -> list[tuple[int, int]]:
+    """The induction heads the table lists, by (layer, head): all of them up to MAX_TABLE_ROWS, else the
+    strongest by prefix matching at the last step (the figures' order)."""
+    heads = induction_heads(view)
+    if len(heads) <= MAX_TABLE_ROWS:
+        return heads
+    return sorted(strongest_first(view, heads)[:MAX_TABLE_ROWS])
+
+
 def _head_table(view: RunView) -> str:
     heads = induction_heads(view)
     if not heads:
@@ -86,7 +107,8 @@ def _head_table(view: RunView) -> str:
     verdicts = [name for name, _ in verdict_columns()]
     header = ("head", "formed (step)", *(words(name) for name in (*scores, *verdicts)))
     lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
-    for layer, head in heads:
+    listed = _table_heads(view)
+    for layer, head in listed:
         formed = int(view.formed[layer, head])
         cells = [
             head_name(layer, head),
@@ -95,7 +117,23 @@ def _head_table(view: RunView) -> str:
             *(_verdict(float(view.grid(name)[-1, layer, head])) for name in verdicts),
         ]
         lines.append("<tr>" + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells) + "</tr>")
-    return "\n".join(lines + ["</table>"])
+    lines.append("</table>")
+    if len(listed) < len(heads):
+        lines.append(f'<p class="note">{len(heads) - len(listed)} more induction heads, weaker by prefix matching at '
+                     f"the last step, are not listed (`jaxinduct show --top {len(heads)}` lists them all).</p>")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _ablation_note(view: RunView) -> list[str]:
+    """The heads the figures colour for their ablation effect alone, with that effect: they are not in the table."""
+    highlight = highlighted_heads(view)
+    if not highlight.by_ablation:
+        return []
+    effect = ablation_effect(view)
+    heads = [h for h in highlight.named if h in highlight.by_ablation]
+    named = ", ".join(f"{head_name(*h)} ({format_value(float(effect[h]))})" for h in heads)
+    return [f'<p class="note">Also in colour in the figures, for the largest change of ICL score their full ablation '
+            f"causes at any step (dashed): {html.escape(named)}.</p>"]  # fmt: skip
 
 
 def _run_section(view: RunView, figures: dict[str, Path], out: Path) -> str:
@@ -104,6 +142,7 @@ def _run_section(view: RunView, figures: dict[str, Path], out: Path) -> str:
     parts.append("</table>")
     parts.append(f"<h3>induction heads at the last step (step {view.steps[-1]})</h3>")
     parts.append(_head_table(view))
+    parts += _ablation_note(view)
     for name, path in figures.items():
         src = html.escape(path.relative_to(out).as_posix(), quote=True)
         parts.append(f'<figure><img src="{src}" alt="{html.escape(name)}">'
@@ -142,9 +181,9 @@ def _run_figures(view: RunView, folder: Path) -> dict[str, Path]:
     for name, draw in FIGURES:
         path = folder / f"{name}.png"
         path.unlink(missing_ok=True)  # a figure this run no longer has must not linger from an older report
-        made = draw(view, path)
-        if made is not None:
-            figures[name] = made
+        figure = draw(view)
+        if figure is not None:
+            figures[name] = save_figure(figure, path)
     return figures
 
 
