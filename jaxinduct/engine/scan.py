@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxinduct import parallel
@@ -46,17 +47,19 @@ from jaxinduct.engine.loader import (
     batches,
     prefetched,
     resolve_load_workers,
+    restore,
     restores_needed,
 )
+from jaxinduct.engine.memory import MemoryPlan, checkpoint_nbytes, memory_budget, plan_batch
 from jaxinduct.errors import JaxInductError
 from jaxinduct.flags import NO_PREFIX, CommaSeparated, PerPass, SourcePath, StepsFlag, comma_separated, default_is, one_word
-from jaxinduct.model.weights import ModelSpec, zero_weights, zero_weights_like
+from jaxinduct.model.weights import ModelSpec, Weights, expected_shapes, zero_weights, zero_weights_like
 from jaxinduct.parallel import MeshConfig, broadcast_steps
 from jaxinduct.results.identity import identity_record
 from jaxinduct.results.phase import DetectionConfig, update_phase_change
 from jaxinduct.results.store import CheckpointScores, ResultStore
 from jaxinduct.scores import registry
-from jaxinduct.scores.batched import ScoreResults, compile_score_all
+from jaxinduct.scores.batched import ScoreProgram, ScoreResults, compile_score_all
 from jaxinduct.scores.probes import ProbeConfig, Probes, make_probes
 
 DEFAULT_BATCH = 8
@@ -158,6 +161,8 @@ class ScanSummary:
     # its restores included) to this one's results stored.
     batch_seconds: list[float] = dataclasses.field(default_factory=list)
     phase_change: str | None = None  # the run's detected phase change after this scan, described
+    memory: str | None = None  # the memory plan, described: batch, per pass, peak bytes within the budget
+    memory_plan: MemoryPlan | None = None
 
     def describe(self) -> str:
         lines = [
@@ -170,6 +175,8 @@ class ScanSummary:
             compiled = "compiled before" if self.compile_seconds == 0 else f"compile {self.compile_seconds:.1f} s"
             compiled += " from the compilation cache" if self.compiled_from_disk else ""
             lines.append(f"{self.seconds:.1f} s ({compiled}, then {rate:.2f} checkpoints/s)")
+            if self.memory is not None:
+                lines.append(f"memory: {self.memory}")
         else:
             lines.append("nothing to scan: every selected checkpoint is already in the store")
         lines += [f"  step {step} failed: {error.splitlines()[0]}" for step, error in self.failures[:5]]
@@ -232,6 +239,44 @@ def checkpoint_scores(results: ScoreResults, row: int, step: int, tokens_seen: i
     )
 
 
+def plan_memory(plan: _Prepared, options: ScanConfig) -> MemoryPlan:
+    """The batch and checkpoints per pass to scan with (`jaxinduct.engine.memory`): --batch
+    checked against the memory there is, or the largest batch up to the default that fits.
+
+    One checkpoint is read first for its stored dtypes and bytes (the scan reads it again in
+    its batch); when it cannot be read, float32 is assumed, the larger.
+    """
+    spec, mesh = plan.spec, plan.mesh
+    first = restore(plan.source, plan.todo[0]).checkpoint
+    weights = first.weights if first is not None else zero_weights(spec)
+    dtypes = {name: np.asarray(getattr(weights, name)).dtype for name in expected_shapes(spec)}
+    shardings = parallel.weight_shardings(spec, mesh)
+    seconds: list[float] = []
+
+    def compile_for(batch: int, per_pass: int | None) -> ScoreProgram:
+        abstract = Weights(spec=spec, **{
+            name: jax.ShapeDtypeStruct((batch, *shape), dtypes[name], sharding=shardings[name])
+            for name, shape in expected_shapes(spec).items()
+        })  # fmt: skip
+        program = compile_score_all(abstract, plan.probes, mesh=mesh, scores=options.scores,
+                                    checkpoints_per_pass=per_pass, valid=np.ones(batch, bool))  # fmt: skip
+        seconds.append(program.compile_seconds)
+        return program
+
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    settings = dict(
+        step=mesh.shape[parallel.CKPT], per_pass=plan.per_pass, per_pass_given=options.per_pass != "auto",
+        checkpoint_bytes=checkpoint_nbytes(weights), rows_for=lambda b: len(parallel.local_rows(mesh, b)),
+        budget=memory_budget(local), local_devices=len(local),
+    )  # fmt: skip
+    memory = plan_batch(compile_for, batch=plan.batch, batch_given=options.batch is not None, **settings)
+    if jax.process_count() > 1:  # every process must run the same program: the smallest batch planned
+        smallest = int(np.min(multihost_utils.process_allgather(np.array(memory.batch))))
+        if smallest != memory.batch:
+            memory = plan_batch(compile_for, batch=smallest, batch_given=True, **settings)
+    return dataclasses.replace(memory, compile_seconds=sum(seconds))
+
+
 # --- the engine ----------------------------------------------------------------------------
 
 
@@ -248,6 +293,8 @@ class _Prepared:
     probe_json: str
     mesh: Mesh
     batch: int
+    per_pass: int | None = None
+    memory: MemoryPlan | None = None  # planned once the checkpoints to scan are known
 
 
 def _probe_config_for(options: ScanConfig) -> ProbeConfig:
@@ -263,7 +310,6 @@ def prepare(options: ScanConfig) -> tuple[_Prepared, Callable[[], ResultStore | 
     compile_cache.enable(options.compilation_cache)
     mesh = parallel.make_mesh(options.mesh)
     batch = resolve_batch(options.batch, mesh)
-    resolve_per_pass(options.per_pass, mesh)  # bad values fail here, before the store is touched
     resolve_load_workers(options.load_workers, mesh)
     dataset = load_dataset(options.dataset)
     available = source.steps()
@@ -278,7 +324,8 @@ def prepare(options: ScanConfig) -> tuple[_Prepared, Callable[[], ResultStore | 
     def open_store() -> ResultStore | None:
         return ResultStore.open(options.store) if jax.process_index() == 0 else None
 
-    plan = _Prepared(source, spec, run, selected, len(selected), 0, probes, probe_hash, probe_json, mesh, batch)
+    per_pass = resolve_per_pass(options.per_pass, mesh)
+    plan = _Prepared(source, spec, run, selected, len(selected), 0, probes, probe_hash, probe_json, mesh, batch, per_pass)
     return plan, open_store
 
 
@@ -299,12 +346,16 @@ def scan(
     try:
         todo = None
         if store is not None:
-            store.ensure_run(plan.run, plan.source.description, json.dumps(plan.spec.to_dict(), sort_keys=True))
-            store.record_probe_config(plan.probe_hash, plan.probe_json)
             done = store.done_steps(plan.run, plan.probe_hash)
             todo = [s for s in plan.todo if s not in done and s not in skip_steps]
         plan.todo = broadcast_steps(todo)
         plan.already_done = plan.selected - len(plan.todo)
+        if plan.todo:  # a batch that cannot fit is refused here, before the store is written
+            plan.memory = plan_memory(plan, options)
+            plan.batch, plan.per_pass = plan.memory.batch, plan.memory.per_pass
+        if store is not None:
+            store.ensure_run(plan.run, plan.source.description, json.dumps(plan.spec.to_dict(), sort_keys=True))
+            store.record_probe_config(plan.probe_hash, plan.probe_json)
         summary = _run_batches(plan, store, options, on_batch)
         if store is not None:
             # After the batches, in its own transaction: a kill before it leaves the previous
@@ -324,7 +375,11 @@ def _run_batches(
     plan: _Prepared, store: ResultStore | None, options: ScanConfig, on_batch: Callable[[list[int]], None] | None
 ) -> ScanSummary:
     summary = ScanSummary(plan.run, plan.probe_hash, plan.selected, plan.already_done)
-    per_pass = resolve_per_pass(options.per_pass, plan.mesh)
+    per_pass = plan.per_pass
+    if plan.memory is not None:  # the planner compiled the program: its compile time is the scan's
+        summary.compile_seconds = plan.memory.compile_seconds
+        summary.compiled_from_disk = plan.memory.program.from_disk
+        summary.memory, summary.memory_plan = plan.memory.describe(), plan.memory
     rows = parallel.local_rows(plan.mesh, plan.batch)
     like = zero_weights(plan.spec)  # a padding row's dtypes: float32 until a checkpoint is read
     shardings = parallel.weight_shardings(plan.spec, plan.mesh)
