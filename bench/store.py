@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak_rss import run_jaxinduct  # noqa: E402
 
 from jaxinduct.engine.bench import SHAPES  # noqa: E402
 from jaxinduct.results.store import CheckpointScores, ResultStore  # noqa: E402
@@ -119,21 +121,6 @@ def measure(shape: str, n: int, curve_length: int) -> dict[str, float]:
     }  # fmt: skip
 
 
-# `jaxinduct ARGS` that prints its own peak resident memory at exit: VmHWM, which starts
-# afresh at exec (ru_maxrss would carry this parent's peak over from the fork).
-_PEAK_REPORTING = (
-    "import atexit, re, resource, runpy, sys\n"
-    "def peak():\n"
-    "    try:\n"
-    "        return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
-    "    except (OSError, TypeError):\n"
-    "        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-    "atexit.register(lambda: print(f'PEAK_RSS_KB {peak()}', file=sys.stderr))\n"
-    "sys.argv = ['jaxinduct', *sys.argv[1:]]\n"
-    "runpy.run_module('jaxinduct', run_name='__main__')\n"
-)
-
-
 def time_readers(n: int, work: Path) -> list[tuple[str, float, float]]:
     """(command, wall seconds, peak RSS MB) of show, export and report on a store of n checkpoints."""
     layers, heads, _ = SHAPES["pythia-1.4b"]
@@ -152,12 +139,7 @@ def time_readers(n: int, work: Path) -> list[tuple[str, float, float]]:
     }  # fmt: skip
     timings = []
     for label, args in commands.items():
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", _PEAK_REPORTING, *args], capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            raise SystemExit(f"{label} failed: {done.stderr[-2000:]}")
-        peak = int(done.stderr.rsplit("PEAK_RSS_KB ", 1)[1].split()[0]) / 1024
+        seconds, peak, _ = run_jaxinduct(args, label)
         timings.append((label, seconds, peak))
     timings.append((f"(store: {store_path.stat().st_size / 1e6:.0f} MB)", 0.0, 0.0))
     return timings

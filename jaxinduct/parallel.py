@@ -49,9 +49,13 @@ from jaxinduct.model.weights import LEAF_AXES, ModelSpec, Weights, expected_shap
 CKPT, HEAD = "ckpt", "head"
 MESH_AXES = (CKPT, HEAD)
 
-# Logical axis -> mesh axis. A checkpoint stack's leading axis is sharded over ckpt, and
-# per-head leaves over head; every other logical axis is replicated.
-AXIS_RULES: dict[str, str] = {CKPT: CKPT, HEAD: HEAD}
+# Logical axis -> mesh axis. A checkpoint stack's leading axis is sharded over ckpt; the
+# model's wide axes (attention heads, the MLP's hidden units, the vocabulary) over the
+# mesh's head axis, which is the model-parallel axis: on a mesh of N devices there, every
+# per-layer matrix and the embedding and unembedding hold 1/N of their bytes per device
+# (Pythia-12B is 48 GB in float32: it fits 16 GB chips only so). d_model, d_head, layers
+# and positions are replicated (norms, biases and W_pos are small beside the rest).
+AXIS_RULES: dict[str, str] = {CKPT: CKPT, HEAD: HEAD, "d_mlp": HEAD, "d_vocab": HEAD}
 
 
 class PlacementError(JaxInductError):
@@ -138,14 +142,30 @@ def check_head_axis(spec: ModelSpec, mesh: Mesh) -> None:
 # --- shardings of weights --------------------------------------------------------------------
 
 
-def logical_partition(axes: Sequence[str]) -> PartitionSpec:
-    """The PartitionSpec of an array with these logical axes, by `AXIS_RULES`."""
-    return PartitionSpec(*(AXIS_RULES.get(axis) for axis in axes))
+def logical_partition(axes: Sequence[str], shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes, by `AXIS_RULES`.
+
+    With its ``shape`` and ``mesh``, an axis whose size the mesh axis does not divide (GPT-2's
+    50257-token vocabulary on 2 devices) is replicated instead: JAX places only even shards.
+    """
+    parts = []
+    for i, axis in enumerate(axes):
+        target = AXIS_RULES.get(axis)
+        if target is not None and shape is not None and mesh is not None and shape[i] % mesh.shape[target]:
+            target = None
+        parts.append(target)
+    return PartitionSpec(*parts)
 
 
-def weight_shardings(spec: ModelSpec, mesh: Mesh) -> dict[str, NamedSharding]:
-    """NamedSharding per leaf of ckpt-stacked Weights, from each leaf's logical axes."""
-    return {name: NamedSharding(mesh, logical_partition((CKPT, *LEAF_AXES[name]))) for name in expected_shapes(spec)}
+def weight_shardings(spec: ModelSpec, mesh: Mesh, batch: int | None = None) -> dict[str, NamedSharding]:
+    """NamedSharding per leaf of ckpt-stacked Weights, from each leaf's logical axes (an axis
+    the mesh does not divide evenly replicated: `logical_partition`). ``batch``: the stack's
+    ckpt size, checked the same way; None: a multiple of the ckpt axis, as the engine's are."""
+    ckpt = mesh.shape[CKPT] if batch is None else batch
+    return {
+        name: NamedSharding(mesh, logical_partition((CKPT, *LEAF_AXES[name]), (ckpt, *shape), mesh))
+        for name, shape in expected_shapes(spec).items()
+    }
 
 
 # --- moving batches on and off the mesh ------------------------------------------------------

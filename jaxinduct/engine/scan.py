@@ -95,7 +95,7 @@ class ScanConfig:
     """score names to compute and keep, comma-separated (`jaxinduct scores` lists them)"""
     dataset: str | None = None
     """.npy token ids [example, seq] for icl_score, per_token_loss and ablation"""
-    batch: Annotated[int | None, default_is(f"{DEFAULT_BATCH}, rounded up to a multiple of the ckpt axis")] = None
+    batch: Annotated[int | None, default_is(f"the largest up to {DEFAULT_BATCH} (a multiple of the ckpt axis) that fits memory and the work")] = None
     """checkpoints per batch, a multiple of the mesh's ckpt axis"""
     mesh: Annotated[MeshFlag, default_is("every device on the ckpt axis")] = MeshConfig()
     """device mesh"""
@@ -350,6 +350,9 @@ def scan(
             todo = [s for s in plan.todo if s not in done and s not in skip_steps]
         plan.todo = broadcast_steps(todo)
         plan.already_done = plan.selected - len(plan.todo)
+        if options.batch is None:  # no bigger than the work: 2 checkpoints are not padded to 8
+            ckpt = plan.mesh.shape[parallel.CKPT]
+            plan.batch = min(plan.batch, ckpt * max(1, -(-len(plan.todo) // ckpt)))
         if plan.todo:  # a batch that cannot fit is refused here, before the store is written
             plan.memory = plan_memory(plan, options)
             plan.batch, plan.per_pass = plan.memory.batch, plan.memory.per_pass
