@@ -182,17 +182,32 @@ def local_rows(mesh: Mesh, batch: int) -> list[int]:
 
 
 def place_batch(local: Sequence[Weights], spec: ModelSpec, shardings: dict[str, NamedSharding], batch: int) -> Weights:
-    """Stack this process's rows on the host and assemble the global [K, ...] batch on the mesh.
+    """Assemble the global [K, ...] batch on the mesh from this process's rows (``local``: the
+    rows `local_rows` names, in order).
 
     shardings: `weight_shardings(spec, mesh)`, computed once per scan. Each leaf keeps its
-    dtype (float16 checkpoints are moved as float16; the program widens them).
+    dtype (float16 checkpoints are moved as float16; the program widens them). A device
+    that holds one row gets a view of that row's host array, never a stacked copy: on the
+    CPU backend the placed array then shares the restored checkpoint's memory (JAX places
+    an aligned numpy array without copying), so a batch costs its checkpoints once.
     """
+    first = local_rows(mesh_of_shardings(shardings), batch)[0] if local else 0
     arrays = {}
-    for name in expected_shapes(spec):
-        stacked = np.stack([np.asarray(getattr(w, name)) for w in local])
-        global_shape = (batch, *stacked.shape[1:])
-        arrays[name] = jax.make_array_from_process_local_data(shardings[name], stacked, global_shape)
+    for name, shape in expected_shapes(spec).items():
+        rows = [np.asarray(getattr(w, name)) for w in local]
+
+        def block(index: tuple[slice, ...], rows: list[np.ndarray] = rows) -> np.ndarray:
+            start, stop, _ = index[0].indices(batch)
+            if stop - start == 1:
+                return rows[start - first][None][(slice(None), *index[1:])]
+            return np.stack([rows[r - first][index[1:]] for r in range(start, stop)])
+
+        arrays[name] = jax.make_array_from_callback((batch, *shape), shardings[name], block)
     return make_weights(spec, arrays, batch_dims=1)
+
+
+def mesh_of_shardings(shardings: dict[str, NamedSharding]) -> Mesh:
+    return next(iter(shardings.values())).mesh
 
 
 def gather_flags(local_ok: np.ndarray, batch: int) -> np.ndarray:

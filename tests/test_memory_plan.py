@@ -35,12 +35,16 @@ def cpu_programs(asked: list):
     return compile_for
 
 
-def test_host_bytes_counts_restores_stack_prefetch_and_the_program():
+def test_host_bytes_counts_restores_prefetch_copies_and_the_program():
     program = ProgramMemory(arguments=4 * GIB, outputs=0, temporaries=2 * GIB)
-    # Placing 4 rows: restored + stacked + next restores (3 x 4) + the placed batch (4) = 16 GiB;
-    # computing: next restores (4) + arguments, outputs, temporaries (6) = 10 GiB.
-    assert host_bytes(4, CKPT, program, devices=1) == 16 * GIB
-    assert host_bytes(4, CKPT, None, devices=1) == 12 * GIB  # accelerator: host side only
+    # 4 rows stacked on a device: restored (4) + next restores (4) + the stacked copy (4) = 12 GiB,
+    # which outweighs the program's temporaries (2) on top of the placed rows.
+    assert host_bytes(4, CKPT, program, devices=1, stacked=True) == 12 * GIB
+    # One row per device is placed without a copy: restored (1) + next (1) + temporaries (2).
+    one = ProgramMemory(arguments=CKPT, outputs=0, temporaries=2 * GIB)
+    assert host_bytes(1, CKPT, one, devices=1, stacked=False) == 4 * GIB
+    assert host_bytes(4, CKPT, None, devices=1, stacked=True) == 12 * GIB  # accelerator: host side only
+    assert host_bytes(4, CKPT, None, devices=4, stacked=False) == 8 * GIB
 
 
 def test_the_largest_batch_that_fits_is_chosen_and_a_given_one_that_cannot_is_refused():
@@ -48,13 +52,13 @@ def test_the_largest_batch_that_fits_is_chosen_and_a_given_one_that_cannot_is_re
     budget = MemoryBudget(host_bytes=9 * GIB, device_bytes=None, described="9.0 GiB of RAM")
     settings = dict(step=1, per_pass=1, per_pass_given=False, checkpoint_bytes=CKPT, rows_for=lambda b: b,
                     budget=budget, local_devices=1)  # fmt: skip
-    # Batch b peaks at max(3b + b, b + b + 2) GiB: 8 -> 32, ..., 3 -> 12, 2 -> 8 (fits 9).
+    # Batch b > 1 peaks at 2b + max(b, 2) GiB: 8 -> 24, ..., 4 -> 12, 3 -> 9 (fits 9).
     plan = plan_batch(cpu_programs(asked), batch=8, batch_given=False, **settings)
-    assert plan.batch == 2 and plan.host_bytes == 8 * GIB
-    assert asked == [(b, 1) for b in (8, 7, 6, 5, 4, 3, 2)]
-    with pytest.raises(MemoryPlanError, match=r"batch 4 .* needs about 16\.0 GiB on the host.*smaller --batch"):
+    assert plan.batch == 3 and plan.host_bytes == 9 * GIB
+    assert asked == [(b, 1) for b in (8, 7, 6, 5, 4, 3)]
+    with pytest.raises(MemoryPlanError, match=r"batch 4 .* needs about 12\.0 GiB on the host.*smaller --batch"):
         plan_batch(cpu_programs([]), batch=4, batch_given=True, **settings)
-    with pytest.raises(MemoryPlanError, match="no batch fits 1.0 GiB"):
+    with pytest.raises(MemoryPlanError, match="no batch fits 1.0 GiB"):  # batch 1 needs 2 + 2 GiB
         tiny = MemoryBudget(host_bytes=GIB, device_bytes=None, described="1.0 GiB of RAM")
         plan_batch(cpu_programs([]), batch=2, batch_given=False, **{**settings, "budget": tiny})
 

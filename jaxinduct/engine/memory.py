@@ -1,10 +1,10 @@
 """Memory planned, not guessed: how many checkpoints a batch holds, from the memory there is.
 
-A scan holds, at its peak, while one batch is placed on the devices:
+A scan holds, at its peak:
 
-- on the host, the batch's restored checkpoints, their stacked copy (``place_batch``) and
-  the next batch's restores, which start as soon as this batch is handed over (the
-  prefetch queue): 3 x rows x one checkpoint, in its stored dtype;
+- on the host, the batch's restored checkpoints and the next batch's restores, which
+  start as soon as this batch is handed over (the prefetch queue), in their stored dtype,
+  plus a stacked copy where a device holds several rows (`host_bytes`);
 - on each device, the compiled program's arguments (the placed batch: its rows, divided
   over the head axis where a leaf is sharded there), temporaries and outputs, read from
   the program's own memory analysis (`jax.stages.Compiled.memory_analysis`).
@@ -32,6 +32,10 @@ import numpy as np
 from jaxinduct.errors import JaxInductError
 
 HEADROOM = 0.85  # plan within this share of the memory there is: allocators, fragmentation, other threads
+# On the CPU backend a batch computes one checkpoint at a time (--per-pass auto), so a second
+# checkpoint per device buys no speed, only amortises per-batch overhead, which matters for
+# small models alone: by default a device takes more than one only while they fit in this.
+CPU_BATCH_BYTES = 256 * 2**20
 GIB = 2**30
 
 
@@ -113,22 +117,23 @@ class MemoryPlan:
                 f"checkpoint as stored): about {need}, within {self.budget.described}")  # fmt: skip
 
 
-def host_bytes(local_rows: int, checkpoint_bytes: int, program: ProgramMemory | None, devices: int) -> int:
+def host_bytes(local_rows: int, checkpoint_bytes: int, program: ProgramMemory | None, devices: int, *, stacked: bool) -> int:
     """Peak host bytes of a batch of ``local_rows`` rows on this process.
 
-    While a batch is placed the host holds its restored checkpoints, their stacked copy and
-    the next batch's restores (3 x rows x checkpoint); the restored copies are dropped once
-    it is placed, so while it computes only the next restores stay. On the CPU backend
-    (``program`` given, per device, for ``devices`` local devices) the devices' memory is
-    host memory too: the placed batch (the program's arguments) from placement on, and the
-    temporaries and outputs while it computes.
+    The host holds the batch's restored checkpoints (R = rows x checkpoint) and the next
+    batch's restores, which start as soon as this batch is handed over (the prefetch queue,
+    R). Placing the batch copies it (``stacked``: a device holds several rows, or a slice of
+    one) or not: a device holding one whole row gets a view of it (`place_batch`). On the
+    CPU backend (``program`` given, per device, for ``devices`` local devices) the devices'
+    memory is host memory: the placed batch is the restored rows themselves or their copy
+    (whose originals are dropped once it is placed), and the program's temporaries and
+    outputs come on top while it computes.
     """
     restores = local_rows * checkpoint_bytes
+    copy = restores if stacked else 0
     if program is None:
-        return 3 * restores
-    placing = 3 * restores + devices * program.arguments
-    computing = restores + devices * program.total
-    return max(placing, computing)
+        return 2 * restores + copy
+    return 2 * restores + max(copy, devices * (program.outputs + program.temporaries))
 
 
 Compile = Callable[[int, int | None], Any]  # (batch, per_pass) -> ScoreProgram
@@ -146,12 +151,14 @@ def plan_batch(
     rows_for: Callable[[int], int],
     budget: MemoryBudget,
     local_devices: int,
+    head_devices: int = 1,
 ) -> MemoryPlan:
     """The largest batch (a multiple of ``step``, the mesh's ckpt axis, at most ``batch``) whose
     peak fits ``budget``; with ``batch_given`` only ``batch`` itself, else MemoryPlanError.
 
-    rows_for(b): this process's rows of a batch of b. On an accelerator with per_pass not
-    given, a batch that does not fit all at once is tried one checkpoint per pass first.
+    rows_for(b): this process's rows of a batch of b. head_devices: the mesh's head axis (a
+    row sliced over it is copied when placed). On an accelerator with per_pass not given, a
+    batch that does not fit all at once is tried one checkpoint per pass first.
     """
     tried: list[str] = []
     candidates = [batch] if batch_given else list(range(batch, 0, -step))
@@ -163,11 +170,12 @@ def plan_batch(
             program = compile_for(b, p)
             memory = ProgramMemory.of(program.compiled)
             rows = rows_for(b)
+            stacked = b // step > 1 or head_devices > 1
             if budget.device_bytes is None:
-                host, device = host_bytes(rows, checkpoint_bytes, memory, local_devices), None
+                host, device = host_bytes(rows, checkpoint_bytes, memory, local_devices, stacked=stacked), None
                 fits = host <= budget.host_bytes
             else:
-                host, device = host_bytes(rows, checkpoint_bytes, None, local_devices), memory.total
+                host, device = host_bytes(rows, checkpoint_bytes, None, local_devices, stacked=stacked), memory.total
                 fits = host <= budget.host_bytes and device <= budget.device_bytes
             plan = MemoryPlan(b, p, checkpoint_bytes, host, device, budget, program)
             if fits:

@@ -50,7 +50,7 @@ from jaxinduct.engine.loader import (
     restore,
     restores_needed,
 )
-from jaxinduct.engine.memory import MemoryPlan, checkpoint_nbytes, memory_budget, plan_batch
+from jaxinduct.engine.memory import CPU_BATCH_BYTES, MemoryPlan, checkpoint_nbytes, memory_budget, plan_batch
 from jaxinduct.errors import JaxInductError
 from jaxinduct.flags import NO_PREFIX, CommaSeparated, PerPass, SourcePath, StepsFlag, comma_separated, default_is, one_word
 from jaxinduct.model.weights import ModelSpec, Weights, expected_shapes, zero_weights, zero_weights_like
@@ -264,12 +264,16 @@ def plan_memory(plan: _Prepared, options: ScanConfig) -> MemoryPlan:
         return program
 
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    budget = memory_budget(local)
+    batch, ckpt, nbytes = plan.batch, mesh.shape[parallel.CKPT], checkpoint_nbytes(weights)
+    if options.batch is None and budget.device_bytes is None:  # CPU: CPU_BATCH_BYTES per device
+        batch = min(batch, ckpt * max(1, CPU_BATCH_BYTES // max(nbytes, 1)))
     settings = dict(
         step=mesh.shape[parallel.CKPT], per_pass=plan.per_pass, per_pass_given=options.per_pass != "auto",
-        checkpoint_bytes=checkpoint_nbytes(weights), rows_for=lambda b: len(parallel.local_rows(mesh, b)),
-        budget=memory_budget(local), local_devices=len(local),
+        checkpoint_bytes=nbytes, rows_for=lambda b: len(parallel.local_rows(mesh, b)),
+        budget=budget, local_devices=len(local), head_devices=mesh.shape[parallel.HEAD],
     )  # fmt: skip
-    memory = plan_batch(compile_for, batch=plan.batch, batch_given=options.batch is not None, **settings)
+    memory = plan_batch(compile_for, batch=batch, batch_given=options.batch is not None, **settings)
     if jax.process_count() > 1:  # every process must run the same program: the smallest batch planned
         smallest = int(np.min(multihost_utils.process_allgather(np.array(memory.batch))))
         if smallest != memory.batch:

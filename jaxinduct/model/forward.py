@@ -20,6 +20,8 @@ default float32 matmul precision (TF32) moves scores in the third decimal.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -50,7 +52,7 @@ class ForwardOutput(NamedTuple):
     # The attention pattern each head used (the frozen one where patterns were frozen).
     patterns: Float[Array, "layer head seq kv_seq"] | None = None
     # Each head's write into the residual stream (z W_O, without the layer's b_O).
-    head_outputs: Float[Array, "layer head seq d_model"] | None = None
+    head_outputs: Float[Array, "layer head seq d_model"] | None = None  # or what reduce_head_outputs made of them
     # The final norm's normalising factor per position, 1 / sqrt(var + eps) (1 without a
     # norm): with it, a component's direct effect on the logits is linear in its output.
     final_scale: Float[Array, " seq"] | None = None
@@ -67,6 +69,7 @@ def forward(
     return_patterns: bool = False,
     return_head_outputs: bool = False,
     reduce_patterns: Callable[[Pattern], Any] | None = None,
+    reduce_head_outputs: Callable[[Float[Array, "head seq d_model"]], Any] | None = None,
 ) -> ForwardOutput:
     """Logits (and optionally every layer's attention patterns) for one sequence.
 
@@ -81,12 +84,20 @@ def forward(
         inside the layer loop; its results come back stacked over layers. Scores that
         only need a summary of each pattern use it: the full patterns of every layer are
         never stored, which on CPU halves the cost of a pattern-scoring pass.
+    reduce_head_outputs: likewise for one layer's head outputs [head, seq, d_model] (with
+        return_head_outputs): ``head_outputs`` then holds its results, stacked over layers.
+        Every layer's outputs of every example would be [layer, head, seq, d_model] each
+        (a gigabyte per 32 examples at Pythia-410M's size).
     """
     spec = weights.spec
     _check_shapes(spec, tokens, head_mask, frozen_patterns)
     seq = tokens.shape[0]
     dtype = jnp.promote_types(weights.W_E.dtype, jnp.float32)
-    weights = jax.tree_util.tree_map(lambda a: a.astype(dtype), weights)
+    # Per-layer weights are widened inside the layer loop, one layer at a time: a float16
+    # checkpoint never has all its layers in float32 at once (Pythia-1.4B's MLPs alone would
+    # be 3.2 GB).
+    layers = {name: getattr(weights, name) for name in LAYER_FIELDS}
+    weights = jax.tree_util.tree_map(lambda a: a.astype(dtype), dataclasses.replace(weights, **dict.fromkeys(LAYER_FIELDS)))
 
     # An out-of-range id becomes a NaN embedding (and NaN logits for the whole sequence, since
     # masked keys still multiply their values by 0) instead of silently reading the nearest
@@ -98,12 +109,14 @@ def forward(
         residual = residual + pos_embed
     qk_offset = pos_embed if spec.positional == PositionalScheme.SHORTFORMER else None
 
-    layers = {name: getattr(weights, name) for name in LAYER_FIELDS}
 
     def step(x, per_layer):
         params, mask, frozen = per_layer
+        params = {name: None if v is None else v.astype(dtype) for name, v in params.items()}
         x, pattern, head_out = _block(spec, params, x, qk_offset, mask, frozen, return_head_outputs)
         summary = None if reduce_patterns is None else reduce_patterns(pattern)
+        if reduce_head_outputs is not None and head_out is not None:
+            head_out = reduce_head_outputs(head_out)
         return x, (pattern if return_patterns else None, head_out, summary)
 
     residual, (patterns, head_outputs, summaries) = jax.lax.scan(

@@ -338,9 +338,10 @@ def zero_weights_like(weights: Weights) -> Weights:
     return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), weights)
 
 
-def widened(weights: Weights) -> Weights:
+def widened(weights: Weights, *, keep: tuple[str, ...] = ()) -> Weights:
     """``weights`` with every floating leaf narrower than float32 (float16, bfloat16) as float32,
-    the precision every score is computed in; other leaves unchanged.
+    the precision every score is computed in; other leaves, and those named in ``keep``
+    (widened later, where they are read), unchanged.
 
     Called inside the compiled scan program, so that checkpoints stay in their stored dtype
     (half the bytes) on the host, in the prefetch queue and in transfer.
@@ -350,4 +351,6 @@ def widened(weights: Weights) -> Weights:
         narrow = jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 4
         return x.astype(jnp.float32) if narrow else x
 
-    return jax.tree_util.tree_map(wide, weights)
+    kept = {name: getattr(weights, name) for name in keep}
+    out = jax.tree_util.tree_map(wide, dataclasses.replace(weights, **dict.fromkeys(keep)))
+    return dataclasses.replace(out, **kept)

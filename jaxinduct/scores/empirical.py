@@ -88,14 +88,32 @@ def copying(
     scaled identity scores 1 however it spreads its attention; its negation -1; a head
     whose boosts ignore its attention about 0. See docs/scores.md for the choices.
     """
+    readout = copying_readout(final_norm_w, W_U, tokens, centre)
+    return copying_of_projection(pattern, head_output @ readout, final_scale)
+
+
+def copying_readout(
+    final_norm_w: Float[Array, " d_model"], W_U: Float[Array, "d_model d_vocab"], tokens: Int[Array, " seq"], centre: bool
+) -> Float[Array, "d_model seq"]:
+    """What `copying` reads a head's output through: (W_U[:, t] - mean_v W_U[:, v]) scaled by
+    the final norm's weight, for each token t of the sequence (centred over d_model for LayerNorm)."""
     # c_q[t] - mean_v c_q[v] = s_q N(o_q) (W_U[:, t] - mean_v W_U[:, v]), and centring o_q over
     # d_model moves onto the other factor. So one [d_model, seq] readout per sequence, shared
     # by every head, and one small matmul per head.
     readout = final_norm_w[:, None] * (W_U[:, tokens] - W_U.mean(axis=1, keepdims=True))
     if centre:
         readout = readout - readout.mean(axis=0, keepdims=True)
+    return readout
+
+
+def copying_of_projection(
+    pattern: Float[Array, "seq kv_seq"], projected: Float[Array, "seq kv_seq"], final_scale: Float[Array, " seq"]
+) -> Float[Array, ""]:
+    """`copying` from the head's output already read through `copying_readout` (``projected``:
+    head_output @ readout), which the forward pass computes inside its layer loop so that no
+    layer's [seq, d_model] head outputs are kept."""
     # boost[q, t]: how much query q's output raises the token at position t above the vocabulary mean
-    boost = jnp.maximum(final_scale[:, None] * (head_output @ readout), 0.0)
+    boost = jnp.maximum(final_scale[:, None] * projected, 0.0)
     attended = jnp.sum(pattern * boost, axis=-1)
     peak = pattern.max(axis=-1, keepdims=True)
     away = 1.0 - pattern / jnp.where(peak > 0, peak, 1.0)  # 0 on the most attended token, 1 on unattended ones
