@@ -46,7 +46,9 @@ def process_weights(
 ) -> Weights:
     """Processed Weights of one checkpoint (see the module docstring for each step)."""
     spec = weights.spec
-    w = dict(weights.arrays())
+    # Leaves stored narrower than float32 (float16, bfloat16) are processed in float32: the
+    # scan program passes them unwidened, and XLA fuses each conversion into the step reading it.
+    w = {name: a.astype(jnp.promote_types(a.dtype, jnp.float32)) for name, a in weights.arrays().items()}
     layernorm = spec.norm == NormKind.LAYERNORM
     if fold_norms and spec.norm != NormKind.NONE:
         if spec.positional != PositionalScheme.SHORTFORMER:

@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxinduct.model.forward import ForwardOutput, forward
 from jaxinduct.model.processing import VocabularyProducts, process_weights, vocabulary_products
-from jaxinduct.model.weights import ModelSpec, NormKind, Weights, widened
+from jaxinduct.model.weights import LAYER_FIELDS, ModelSpec, NormKind, Weights, widened
 from jaxinduct.parallel import CheckpointParallel, checkpoint_parallel, mesh_of, per_device, place_flags
 from jaxinduct.scores import registry
 from jaxinduct.scores.compat import DetectionPattern, ErrorMeasure, detection_pattern, pattern_similarity
@@ -357,9 +357,10 @@ def induction_verdicts(head: Mapping[str, Float[Array, "layer head"]], threshold
     return {s.name: given.of(s.function) for s in head_scores if s.verdict}
 
 
-# Read by the forward pass alone, which widens them a layer at a time: widened up front, the
-# MLP matrices of a float16 Pythia-1.4B would hold 3.2 GB of float32 copies for the whole program.
-_FORWARD_ONLY = ("W_in", "W_out")
+# Per-layer weights are read by the forward pass, which widens them a layer at a time, and by
+# process_weights, which widens them as it processes them: widened up front, a float16
+# Pythia-1.4B would hold 4.8 GB of float32 copies of its layers for the whole program.
+_WIDENED_WHERE_READ = LAYER_FIELDS
 
 
 def _checkpoint_scores(
@@ -370,7 +371,7 @@ def _checkpoint_scores(
     A score whose compute returns None (not defined for these probes) is left out. Weights
     stored narrower than float32 are widened here, inside the program (`widened`).
     """
-    checkpoint = LazyCheckpoint(widened(weights, keep=_FORWARD_ONLY), probes, config)
+    checkpoint = LazyCheckpoint(widened(weights, keep=_WIDENED_WHERE_READ), probes, config)
     groups: dict[Kind, dict[str, Array]] = {kind: {} for kind in Kind}
     for score in registry.scores() if selection is None else selection:
         value = checkpoint.of(score.function)

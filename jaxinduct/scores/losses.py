@@ -60,19 +60,23 @@ def unembedded_losses(
     flat_targets = targets.reshape(-1)
     n_chunks = -(-d_vocab // VOCAB_CHUNK)
     chunk = -(-d_vocab // n_chunks)
-    pad = n_chunks * chunk - d_vocab  # padded columns: zero weights, bias -inf (exp = 0)
-    chunks = jnp.pad(W_U, ((0, 0), (0, pad))).reshape(d_model, n_chunks, chunk).transpose(1, 0, 2)
-    biases = jnp.pad(b_U, (0, pad), constant_values=-jnp.inf).reshape(n_chunks, chunk)
+    # Chunks sliced from W_U in the loop (no reshaped copy of it). The last chunk's start is
+    # clamped to fit, so it overlaps the one before: its columns already counted are masked.
+    columns = jnp.arange(chunk)
 
-    def step(carry: tuple[Array, Array], part: tuple[Array, Array]) -> tuple[tuple[Array, Array], None]:
+    def step(carry: tuple[Array, Array], index: Array) -> tuple[tuple[Array, Array], None]:
         running_max, running_sum = carry
-        logits = jnp.matmul(x, part[0], precision=_HIGHEST) + part[1]
+        start = jnp.minimum(index * chunk, d_vocab - chunk)
+        part = jax.lax.dynamic_slice_in_dim(W_U, start, chunk, axis=1)
+        bias = jax.lax.dynamic_slice_in_dim(b_U, start, chunk)
+        fresh = start + columns >= index * chunk
+        logits = jnp.where(fresh, jnp.matmul(x, part, precision=_HIGHEST) + bias, -jnp.inf)
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
         rescaled = running_sum * jnp.exp(running_max - new_max)
         return (new_max, rescaled + jnp.exp(logits - new_max[:, None]).sum(axis=-1)), None
 
     start = (jnp.full(x.shape[0], -jnp.inf, dtype), jnp.zeros(x.shape[0], dtype))
-    (peak, total), _ = jax.lax.scan(step, start, (chunks, biases))
+    (peak, total), _ = jax.lax.scan(step, start, jnp.arange(n_chunks))
     target_logits = jnp.einsum("nd,dn->n", x, jnp.take(W_U, flat_targets, axis=1), precision=_HIGHEST)
     losses = peak + jnp.log(total) - (target_logits + b_U[flat_targets])
     return losses.reshape(targets.shape)
