@@ -53,7 +53,15 @@ from jaxinduct.engine.loader import (
 from jaxinduct.engine.memory import CPU_BATCH_BYTES, MemoryPlan, checkpoint_nbytes, memory_budget, plan_batch
 from jaxinduct.errors import JaxInductError
 from jaxinduct.flags import NO_PREFIX, CommaSeparated, PerPass, SourcePath, StepsFlag, comma_separated, default_is, one_word
-from jaxinduct.model.weights import ModelSpec, Weights, expected_shapes, zero_weights, zero_weights_like
+from jaxinduct.model.weights import (
+    ModelSpec,
+    Weights,
+    abstract_weights,
+    expected_shapes,
+    host_zeros,
+    shapes_and_dtypes,
+    zero_weights,
+)
 from jaxinduct.parallel import MeshConfig, broadcast_steps
 from jaxinduct.results.identity import identity_record
 from jaxinduct.results.phase import DetectionConfig, update_phase_change
@@ -388,7 +396,7 @@ def _run_batches(
         summary.compiled_from_disk = plan.memory.program.from_disk
         summary.memory, summary.memory_plan = plan.memory.describe(), plan.memory
     rows = parallel.local_rows(plan.mesh, plan.batch)
-    like = zero_weights(plan.spec)  # a padding row's dtypes: float32 until a checkpoint is read
+    like = abstract_weights(plan.spec)  # a padding row's shapes and dtypes: float32 until a checkpoint is read
     shardings = parallel.weight_shardings(plan.spec, plan.mesh)
     progress = _Progress(len(plan.todo), enabled=options.progress and jax.process_index() == 0)
     started = time.perf_counter()
@@ -400,8 +408,10 @@ def _run_batches(
         for steps, restored in prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers, gate):
             loaded = {r: got.checkpoint for r, got in restored.items() if got.checkpoint is not None}
             if loaded:  # padding rows in the run's own dtypes, so they do not widen a float16 stack
-                like = next(iter(loaded.values())).weights
-            padding = zero_weights_like(like) if len(loaded) < len(rows) else None
+                # Shapes and dtypes only: holding the checkpoint itself would keep it in memory
+                # through the next batch (2.8 GB at Pythia-1.4B's size).
+                like = shapes_and_dtypes(next(iter(loaded.values())).weights)
+            padding = host_zeros(like) if len(loaded) < len(rows) else None
             ok = parallel.gather_flags(np.array([r in loaded for r in rows], bool), plan.batch)
             placed = parallel.place_batch([loaded[r].weights if r in loaded else padding for r in rows], plan.spec,
                                           shardings, plan.batch)  # fmt: skip

@@ -332,10 +332,10 @@ def zero_weights(spec: ModelSpec) -> Weights:
     return host_zeros(abstract_weights(spec))
 
 
-def zero_weights_like(weights: Weights) -> Weights:
-    """Host zeros shaped and typed as ``weights`` (one checkpoint): the padding row of a batch
-    of float16 checkpoints stays float16 (float32 padding would widen the whole stack)."""
-    return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), weights)
+def shapes_and_dtypes(weights: Weights) -> Weights:
+    """``weights`` as ``jax.ShapeDtypeStruct`` leaves: what a padding row copies (`host_zeros`)
+    without holding the checkpoint it came from."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), weights)
 
 
 def widened(weights: Weights, *, keep: tuple[str, ...] = ()) -> Weights:
