@@ -9,6 +9,8 @@ its own devices (`jaxinduct.parallel.local_rows`).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import math
 import os
@@ -39,6 +41,30 @@ def restore(source: CheckpointSource, step: int) -> Restored:
         return Restored(source.load(step), None, time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - one unreadable checkpoint must not end the scan
         return Restored(None, f"{type(e).__name__}: {e}", time.perf_counter() - start)
+    finally:
+        release_freed_memory()
+
+
+def _libc_malloc_trim() -> object | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the heap memory a restore freed back to the system (glibc's malloc_trim).
+
+    Reading a checkpoint allocates a layer's tensors at a time (tens of MB each), below the
+    size glibc's malloc then maps on its own, and glibc keeps what was freed in its heaps:
+    at Pythia-1.4B's size that was 2.4 GB held by a scan for nothing. A no-op elsewhere.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def batches(steps: Sequence[int], size: int) -> list[list[int]]:
