@@ -43,6 +43,7 @@ def test_host_bytes_counts_restores_prefetch_copies_and_the_program():
     # One row per device is placed without a copy: restored (1) + next (1) + temporaries (2).
     one = ProgramMemory(arguments=CKPT, outputs=0, temporaries=2 * GIB)
     assert host_bytes(1, CKPT, one, devices=1, stacked=False) == 4 * GIB
+    assert host_bytes(1, CKPT, one, devices=1, stacked=False, ahead=False) == 3 * GIB  # no next restore held
     assert host_bytes(4, CKPT, None, devices=1, stacked=True) == 12 * GIB  # accelerator: host side only
     assert host_bytes(4, CKPT, None, devices=4, stacked=False) == 8 * GIB
 

@@ -508,6 +508,32 @@ def test_concurrent_restores_follow_the_measured_times():
     assert source.peak == 1
 
 
+def test_restores_of_the_next_batch_start_ahead_or_only_when_asked():
+    class RecordingSource:
+        def __init__(self):
+            self.started, self.lock = [], threading.Lock()
+
+        def load(self, step):
+            with self.lock:
+                self.started.append(step)
+            return step
+
+    def started_by_first_yield(ahead):
+        source = RecordingSource()
+        batches_of_steps = [[0, 1], [10, 11], [20, 21]]
+        iterator = prefetched(source, batches_of_steps, range(2), 2, ahead=ahead)
+        steps, restored = next(iterator)
+        assert steps == [0, 1] and [restored[r].checkpoint for r in (0, 1)] == [0, 1]
+        time.sleep(0.2)  # room for restores submitted ahead to start
+        with source.lock:
+            seen = sorted(source.started)
+        assert [[restored[r].checkpoint for r in (0, 1)] for _, restored in iterator] == [[10, 11], [20, 21]]
+        return seen
+
+    assert started_by_first_yield(ahead=True) == [0, 1, 10, 11]  # the next batch overlaps this one
+    assert started_by_first_yield(ahead=False) == [0, 1]  # one batch of checkpoints in memory at a time
+
+
 def test_step_selection():
     available = [0, 20, 40, 60, 100, 200, 300]
     assert select_steps("all", available) == available

@@ -141,12 +141,16 @@ def prefetched(
     rows: Sequence[int],
     workers: int,
     gate: RestoreGate | None = None,
+    *,
+    ahead: bool = True,
 ) -> Iterator[tuple[list[int], dict[int, Restored]]]:
     """Each batch's steps with this process's restored rows (row -> Restored), in order.
 
     ``rows``: the rows of a batch this process restores; a short last batch leaves some
-    empty. The next batch's restores start before this batch is handed over. ``workers``
-    threads at most; ``gate`` limits how many restore at once (default: all of them).
+    empty. With ``ahead`` the next batch's restores start before this batch is handed over
+    (they overlap its compute); without, once the consumer asks for the next batch (one
+    batch of checkpoints in memory, not two). ``workers`` threads at most; ``gate`` limits
+    how many restore at once (default: all of them).
     """
     gate = gate or RestoreGate(workers)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="restore") as pool:
@@ -157,5 +161,9 @@ def prefetched(
         pending = submit(steps_by_batch[0]) if steps_by_batch else {}
         for index, steps in enumerate(steps_by_batch):
             restored = {r: future.result() for r, future in pending.items()}
-            pending = submit(steps_by_batch[index + 1]) if index + 1 < len(steps_by_batch) else {}
+            pending = {}
+            if ahead and index + 1 < len(steps_by_batch):
+                pending = submit(steps_by_batch[index + 1])
             yield steps, restored
+            if not ahead and index + 1 < len(steps_by_batch):
+                pending = submit(steps_by_batch[index + 1])

@@ -50,7 +50,7 @@ from jaxinduct.engine.loader import (
     restore,
     restores_needed,
 )
-from jaxinduct.engine.memory import CPU_BATCH_BYTES, MemoryPlan, checkpoint_nbytes, memory_budget, plan_batch
+from jaxinduct.engine.memory import CPU_BATCH_BYTES, CPU_PREFETCH_BYTES, MemoryPlan, checkpoint_nbytes, memory_budget, plan_batch
 from jaxinduct.errors import JaxInductError
 from jaxinduct.flags import NO_PREFIX, CommaSeparated, PerPass, SourcePath, StepsFlag, comma_separated, default_is, one_word
 from jaxinduct.model.weights import (
@@ -280,6 +280,7 @@ def plan_memory(plan: _Prepared, options: ScanConfig) -> MemoryPlan:
         step=mesh.shape[parallel.CKPT], per_pass=plan.per_pass, per_pass_given=options.per_pass != "auto",
         checkpoint_bytes=nbytes, rows_for=lambda b: len(parallel.local_rows(mesh, b)),
         budget=budget, local_devices=len(local), head_devices=mesh.shape[parallel.HEAD],
+        ahead=budget.device_bytes is not None or nbytes <= CPU_PREFETCH_BYTES,
     )  # fmt: skip
     memory = plan_batch(compile_for, batch=batch, batch_given=options.batch is not None, **settings)
     if jax.process_count() > 1:  # every process must run the same program: the smallest batch planned
@@ -405,7 +406,8 @@ def _run_batches(
     try:
         gate = RestoreGate(workers)  # concurrent restores: from measured times after each batch
         batch_start = time.perf_counter()
-        for steps, restored in prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers, gate):
+        ahead = plan.memory is None or plan.memory.ahead
+        for steps, restored in prefetched(plan.source, batches(plan.todo, plan.batch), rows, workers, gate, ahead=ahead):
             loaded = {r: got.checkpoint for r, got in restored.items() if got.checkpoint is not None}
             if loaded:  # padding rows in the run's own dtypes, so they do not widen a float16 stack
                 # Shapes and dtypes only: holding the checkpoint itself would keep it in memory
