@@ -114,9 +114,7 @@ class MemoryPlan:
     ahead: bool = True  # the next batch restored while this one computes
 
     def describe(self) -> str:
-        need = f"{self.host_bytes / GIB:.1f} GiB on the host"
-        if self.device_bytes is not None:
-            need = f"{self.device_bytes / GIB:.1f} GiB per device, " + need
+        need = _needs(self.host_bytes, self.device_bytes)
         per_pass = "all" if self.per_pass is None else self.per_pass
         ahead = "" if self.ahead else ", the next restored after it"
         return (f"batch {self.batch} (checkpoints per pass: {per_pass}; {self.checkpoint_bytes / GIB:.2f} GiB per "

@@ -274,10 +274,12 @@ def plan_memory(plan: _Prepared, options: ScanConfig) -> MemoryPlan:
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     budget = memory_budget(local)
     batch, ckpt, nbytes = plan.batch, mesh.shape[parallel.CKPT], checkpoint_nbytes(weights)
-    if options.batch is None and budget.device_bytes is None:  # CPU: CPU_BATCH_BYTES per device
-        batch = min(batch, ckpt * max(1, CPU_BATCH_BYTES // max(nbytes, 1)))
+    if options.batch is None:  # the default batch: no bigger than the work (2 checkpoints are not padded to 8) ...
+        batch = min(batch, ckpt * max(1, -(-len(plan.todo) // ckpt)))
+        if budget.device_bytes is None:  # ... and on CPU, CPU_BATCH_BYTES per device
+            batch = min(batch, ckpt * max(1, CPU_BATCH_BYTES // max(nbytes, 1)))
     settings = dict(
-        step=mesh.shape[parallel.CKPT], per_pass=plan.per_pass, per_pass_given=options.per_pass != "auto",
+        step=ckpt, per_pass=plan.per_pass, per_pass_given=options.per_pass != "auto",
         checkpoint_bytes=nbytes, rows_for=lambda b: len(parallel.local_rows(mesh, b)),
         budget=budget, local_devices=len(local), head_devices=mesh.shape[parallel.HEAD],
         ahead=budget.device_bytes is not None or nbytes <= CPU_PREFETCH_BYTES,
@@ -363,9 +365,6 @@ def scan(
             todo = [s for s in plan.todo if s not in done and s not in skip_steps]
         plan.todo = broadcast_steps(todo)
         plan.already_done = plan.selected - len(plan.todo)
-        if options.batch is None:  # no bigger than the work: 2 checkpoints are not padded to 8
-            ckpt = plan.mesh.shape[parallel.CKPT]
-            plan.batch = min(plan.batch, ckpt * max(1, -(-len(plan.todo) // ckpt)))
         if plan.todo:  # a batch that cannot fit is refused here, before the store is written
             plan.memory = plan_memory(plan, options)
             plan.batch, plan.per_pass = plan.memory.batch, plan.memory.per_pass
